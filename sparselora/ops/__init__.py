@@ -1,0 +1,183 @@
+"""The hot operations, each defined once.
+
+The functions here check their arguments and hand the call to a backend chosen by
+:mod:`sparselora.ops._dispatch` (C++ for CPU tensors, Triton for CUDA tensors when
+built, the pure-PyTorch reference otherwise). The pruning API calls only these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import reference  # noqa: F401  - registers the always-available backend
+from ._dispatch import BackendUnavailableError, last_backend, registered_backends, resolve
+from ._types import PruneThreshold
+
+__all__ = [
+    "PruneThreshold",
+    "BackendUnavailableError",
+    "prune_count",
+    "prune_threshold",
+    "write_prune_mask",
+    "select_prune_mask",
+    "apply_mask_",
+    "merge_lora_",
+    "masked_lora_weight",
+    "masked_lora_linear",
+    "last_backend",
+    "registered_backends",
+]
+
+_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a group at ``sparsity`` loses: ``round(sparsity*numel)``.
+
+    The same rounding as ``torch.nn.utils.prune`` (Python's round, half to even).
+    """
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
+        raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1]")
+    return int(round(sparsity * numel))
+
+
+def _check_scores(scores: Sequence[torch.Tensor], name: str = "scores") -> None:
+    for i, s in enumerate(scores):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is {type(s).__name__}; expected a torch.Tensor")
+        if s.dtype not in _SCORE_DTYPES:
+            raise TypeError(
+                f"{name}[{i}] has dtype {s.dtype}; accepted: float16, bfloat16, float32, float64"
+            )
+        if s.numel() and not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{name}[{i}] contains NaN or inf; scores must be finite")
+
+
+def prune_threshold(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False) -> PruneThreshold:
+    """Exact cut of one comparison group made of ``scores`` so that exactly ``k`` are pruned.
+
+    With ``absolute=True`` the key of each element is its magnitude, read straight from
+    the tensor (no |W| copy is needed by compiled backends).
+    """
+    scores = list(scores)
+    _check_scores(scores)
+    total = sum(s.numel() for s in scores)
+    if not (isinstance(k, int) and 0 <= k <= total):
+        raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
+    return resolve("prune_threshold", scores, k, absolute)(scores, k, absolute)
+
+
+def write_prune_mask(
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, *, absolute: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Bool keep-mask of one tensor of a group cut at ``threshold``.
+
+    ``ties_left`` is how many tied scores the group still has to prune; returns the mask
+    and how many ties this tensor used, so a caller walks the group's tensors in order.
+    """
+    return resolve("write_prune_mask", score, threshold, ties_left, absolute)(
+        score, threshold, ties_left, absolute
+    )
+
+
+def select_prune_mask(
+    scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False
+) -> list[torch.Tensor]:
+    """Keep-masks for a comparison group from which exactly the ``k`` lowest scores go.
+
+    Ties at the cut are pruned lowest flat index first, tensors in the order given.
+    """
+    scores = list(scores)
+    threshold = prune_threshold(scores, k, absolute=absolute)
+    masks, ties_left = [], threshold.ties
+    for score in scores:
+        mask, used = write_prune_mask(score, threshold, ties_left, absolute=absolute)
+        ties_left -= used
+        masks.append(mask)
+    if ties_left:
+        raise AssertionError(f"tie quota not exhausted ({ties_left} left); backend bug")
+    return masks
+
+
+def _check_mask_for(weight: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}; the weight has {tuple(weight.shape)}")
+
+
+def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero the pruned entries of ``weight`` in place (NaN and inf included)."""
+    _check_mask_for(weight, mask)
+    with torch.no_grad():
+        return resolve("apply_mask_", weight, mask)(weight, mask.to(weight.device))
+
+
+def _check_lora(weight, lora_A, lora_B, scaling) -> None:
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(
+            f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be (r, in) and (out, r)"
+        )
+    if weight is not None and tuple(weight.shape) != (lora_B.shape[0], lora_A.shape[1]):
+        raise ValueError(
+            f"weight {tuple(weight.shape)} does not match lora_B @ lora_A "
+            f"({lora_B.shape[0]}, {lora_A.shape[1]})"
+        )
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling={scaling!r} must be finite")
+
+
+def merge_lora_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place ``W ← (W + scaling·B@A) ⊙ M`` with fp32 accumulation (no mask: dense merge)."""
+    _check_lora(weight, lora_A, lora_B, scaling)
+    if mask is not None:
+        _check_mask_for(weight, mask)
+    with torch.no_grad():
+        return resolve("merge_lora_", weight, lora_A, lora_B, scaling, mask)(
+            weight, lora_A.detach(), lora_B.detach(), float(scaling), mask
+        )
+
+
+def masked_lora_weight(
+    weight: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The effective weight ``(W + scaling·B@A) ⊙ M`` of a sparse_to_sparse layer.
+
+    ``weight=None`` gives the masked delta alone. Differentiable in ``lora_A``/``lora_B``.
+    """
+    _check_lora(weight, lora_A, lora_B, scaling)
+    _check_mask_for(lora_B.new_empty(lora_B.shape[0], lora_A.shape[1]), mask)
+    return resolve("masked_lora_weight", weight, lora_A, lora_B, scaling, mask)(
+        weight, lora_A, lora_B, float(scaling), mask
+    )
+
+
+def masked_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x·((W + scaling·B@A) ⊙ M)ᵀ + b``, differentiable in ``x``, ``lora_A``, ``lora_B``."""
+    _check_lora(weight, lora_A, lora_B, scaling)
+    if x.shape[-1] != lora_A.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features; the layer takes {lora_A.shape[1]}")
+    return resolve("masked_lora_linear", x, weight, lora_A, lora_B, scaling, mask, bias)(
+        x, weight, lora_A, lora_B, float(scaling), mask, bias
+    )

@@ -1,0 +1,117 @@
+"""Pure-PyTorch implementations of every op: always available, and the oracle in tests.
+
+Written for clarity over speed: each follows the op's definition directly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import register
+from ._types import PruneThreshold
+
+__all__ = [
+    "prune_threshold",
+    "write_prune_mask",
+    "apply_mask_",
+    "merge_lora_",
+    "masked_lora_weight",
+    "masked_lora_linear",
+]
+
+REFERENCE_PRIORITY = 0
+
+
+def _compare_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    # fp16/bf16/fp32 values are all exact in fp32; fp64 needs fp64.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _keys(score: torch.Tensor, absolute: bool, dtype: torch.dtype) -> torch.Tensor:
+    key = score.to(dtype).reshape(-1)
+    return key.abs() if absolute else key
+
+
+@register("prune_threshold", "reference", priority=REFERENCE_PRIORITY)
+def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
+    if k == 0:
+        return PruneThreshold(float("-inf"), 0)
+    dtype = _compare_dtype(scores)
+    flat = torch.cat([_keys(s.detach().cpu(), absolute, dtype) for s in scores])
+    value = torch.kthvalue(flat, k).values
+    below = int((flat < value).sum())
+    return PruneThreshold(float(value), k - below)
+
+
+@register("write_prune_mask", "reference", priority=REFERENCE_PRIORITY)
+def write_prune_mask(
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool
+) -> tuple[torch.Tensor, int]:
+    dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
+    key = _keys(score.detach(), absolute, dtype)
+    pruned = key < threshold.value
+    used = 0
+    if ties_left > 0:
+        tied = key == threshold.value
+        # the first `ties_left` tied elements in flat order are pruned
+        take = tied & (torch.cumsum(tied, 0) <= ties_left)
+        used = int(take.sum())
+        pruned |= take
+    return (~pruned).view(score.shape), used
+
+
+@register("apply_mask_", "reference", priority=REFERENCE_PRIORITY)
+def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # masked_fill, not mul: a pruned NaN/inf must become 0, not NaN
+    return weight.masked_fill_(~mask, 0)
+
+
+def _accumulate_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+@register("merge_lora_", "reference", priority=REFERENCE_PRIORITY)
+def merge_lora_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    acc = _accumulate_dtype(weight)
+    merged = weight.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc))
+    if mask is not None:
+        merged.masked_fill_(~mask, 0)
+    return weight.copy_(merged)
+
+
+@register("masked_lora_weight", "reference", priority=REFERENCE_PRIORITY)
+def masked_lora_weight(
+    weight: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    out_dtype = lora_A.dtype if weight is None else weight.dtype
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    effective = scaling * (lora_B.to(acc) @ lora_A.to(acc))
+    if weight is not None:
+        effective = effective + weight.to(acc)
+    return effective.masked_fill(~mask, 0).to(out_dtype)
+
+
+@register("masked_lora_linear", "reference", priority=REFERENCE_PRIORITY)
+def masked_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return F.linear(x, masked_lora_weight(weight, lora_A, lora_B, scaling, mask), bias)

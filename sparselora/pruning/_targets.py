@@ -1,0 +1,203 @@
+"""Which weights are pruned, and how user-given names map onto parameter names."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "Target",
+    "SparsitySpec",
+    "model_targets",
+    "state_dict_targets",
+    "filter_targets",
+    "resolve_sparsity",
+    "check_sparsity",
+    "normalise_mask_keys",
+]
+
+SparsitySpec = Union[float, Mapping[str, float]]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# substrings that mark a state-dict tensor as not prunable by default (as ModelZoo does)
+_DENSE_BY_NAME = ("embed", "norm", "lm_head", "pe_helper")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable weight: its parameter name, owning module name and output dimension."""
+
+    name: str
+    module_name: str
+    weight: torch.Tensor
+    out_dim: int = 0  # dimension that indexes output channels / filters
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) stores its weight as (in, out); matched by name so that
+    # transformers stays optional.
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def model_targets(model: nn.Module) -> list[Target]:
+    """Default targets: weights of Linear, Conv1d/2d/3d and transformers' Conv1D.
+
+    The LM head (a module named ``lm_head`` or a weight tied to an embedding) stays dense.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    tied = _embedding_weights(model)
+    targets, seen = [], set()
+    for module_name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear)
+        is_conv = isinstance(module, _CONV_TYPES)
+        is_hf_conv1d = _is_hf_conv1d(module)
+        if not (is_linear or is_conv or is_hf_conv1d):
+            continue
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        if module_name.split(".")[-1] == "lm_head" or id(weight) in tied:
+            continue
+        seen.add(id(weight))
+        name = f"{module_name}.weight" if module_name else "weight"
+        targets.append(Target(name, module_name, weight, 1 if is_hf_conv1d else 0))
+    return targets
+
+
+def state_dict_targets(state_dict: Mapping[str, torch.Tensor]) -> list[Target]:
+    """Default targets of a bare state dict: floating ``*weight`` tensors with ≥ 2 dims
+    whose names do not mark them as embeddings, norms or the LM head."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    targets = []
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is {type(tensor).__name__}; expected a tensor")
+        lowered = name.lower()
+        if (
+            tensor.dim() >= 2
+            and tensor.is_floating_point()
+            and name.endswith("weight")
+            and not any(word in lowered for word in _DENSE_BY_NAME)
+        ):
+            module_name = name[: -len(".weight")] if name.endswith(".weight") else name
+            targets.append(Target(name, module_name, tensor, 0))
+    return targets
+
+
+def _matches(target: Target, pattern: str) -> bool:
+    return (
+        pattern in (target.name, target.module_name)
+        or fnmatch.fnmatchcase(target.name, pattern)
+        or fnmatch.fnmatchcase(target.module_name, pattern)
+    )
+
+
+def _as_pattern_list(value: Union[str, Sequence[str], None], arg: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{arg} must be a glob string or a list of them, got {value!r}")
+
+
+def filter_targets(
+    targets: list[Target],
+    include: Union[str, Sequence[str], None] = None,
+    exclude: Union[str, Sequence[str], None] = None,
+) -> list[Target]:
+    """Keep targets matching any ``include`` glob (all when None) and no ``exclude`` glob.
+
+    Globs match the parameter name or the module name (``"*.attention.*"``, ``"lm_head"``).
+    """
+    inc = _as_pattern_list(include, "include")
+    exc = _as_pattern_list(exclude, "exclude")
+    for arg, patterns in (("include", inc),):
+        for p in patterns:
+            if not any(_matches(t, p) for t in targets):
+                raise ValueError(f"{arg} pattern {p!r} matches no prunable weight")
+    kept = [t for t in targets if (not inc or any(_matches(t, p) for p in inc))]
+    return [t for t in kept if not any(_matches(t, p) for p in exc)]
+
+
+def check_sparsity(value: object, arg: str = "sparsity") -> float:
+    """Return ``value`` as a float in [0, 1] or raise a ValueError naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{arg}={value!r} must be a float in [0, 1]")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{arg}={value!r} must be a float in [0, 1]")
+    return value
+
+
+def resolve_sparsity(spec: SparsitySpec, targets: list[Target]) -> dict[str, float]:
+    """Sparsity for each target given a float or a mapping of names/globs to floats.
+
+    In a mapping, an exact parameter or module name wins over a glob; among globs the first
+    that matches wins. Targets matched by no key are left out (they stay dense); a key that
+    matches no target is an error.
+    """
+    if not isinstance(spec, Mapping):
+        value = check_sparsity(spec)
+        return {t.name: value for t in targets}
+    if not spec:
+        raise ValueError("sparsity mapping is empty; give a float or {name or glob: float}")
+    values = {key: check_sparsity(v, f"sparsity[{key!r}]") for key, v in spec.items()}
+    used: set[str] = set()
+    result: dict[str, float] = {}
+    for t in targets:
+        exact = next((k for k in values if k in (t.name, t.module_name)), None)
+        key = exact or next((k for k in values if _matches(t, k)), None)
+        if key is not None:
+            used.add(key)
+            result[t.name] = values[key]
+    unused = [k for k in values if k not in used]
+    if unused:
+        raise ValueError(
+            f"sparsity keys {unused} match no prunable weight; keys are parameter names, "
+            f"module names or globs (e.g. {targets[0].module_name!r})" if targets else
+            f"sparsity keys {unused} match no prunable weight (the model has none)"
+        )
+    return result
+
+
+def normalise_mask_keys(
+    masks: Mapping[str, torch.Tensor], parameters: Mapping[str, torch.Tensor], arg: str = "masks"
+) -> dict[str, torch.Tensor]:
+    """Map mask keys to parameter names (``"layer1"`` → ``"layer1.weight"``) and check shapes.
+
+    Raises ValueError naming every key that matches no parameter or has the wrong shape.
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{arg} must be a dict of parameter name -> bool tensor, got {type(masks).__name__}")
+    resolved: dict[str, torch.Tensor] = {}
+    unknown, bad_shape = [], []
+    for key, mask in masks.items():
+        name = key if key in parameters else f"{key}.weight"
+        if name not in parameters:
+            unknown.append(key)
+            continue
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{arg}[{key!r}] is {type(mask).__name__}; expected a tensor")
+        if tuple(mask.shape) != tuple(parameters[name].shape):
+            bad_shape.append(f"{key}: mask {tuple(mask.shape)} vs parameter {tuple(parameters[name].shape)}")
+            continue
+        resolved[name] = mask
+    if unknown:
+        sample = ", ".join(list(parameters)[:3])
+        raise ValueError(f"{arg} keys {unknown} match no parameter (parameter names look like: {sample})")
+    if bad_shape:
+        raise ValueError(f"{arg} shapes differ from their parameters: {'; '.join(bad_shape)}")
+    return resolved

@@ -1,0 +1,287 @@
+"""Mask operations: validate, save/load (.pt, .npz, .safetensors), statistics, plots,
+and applying masks to a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..utils.atomic import atomic_open, atomic_write_bytes
+from ._targets import normalise_mask_keys
+
+__all__ = [
+    "validate_mask",
+    "save_mask",
+    "load_mask",
+    "compute_sparsity_stats",
+    "plot_sparsity_histogram",
+    "apply_masks_to_model",
+    "as_bool_mask",
+    "MASK_FORMATS",
+]
+
+MASK_FORMATS = ("pt", "npz", "safetensors")
+_EXTENSIONS = {".pt": "pt", ".pth": "pt", ".npz": "npz", ".safetensors": "safetensors"}
+_METADATA_KEY = "__sparselora_metadata__"
+_FORMAT_TAG = "sparselora-masks"
+PathLike = Union[str, os.PathLike]
+
+
+def as_bool_mask(mask: Any, name: str = "mask") -> torch.Tensor:
+    """Return ``mask`` as a bool tensor; numeric masks must hold only 0 and 1."""
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} is {type(mask).__name__}; expected a torch.Tensor")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} has complex dtype {mask.dtype}; masks are bool or 0/1")
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} holds values other than 0 and 1 (or NaN); masks are bool or 0/1")
+    return mask != 0
+
+
+def _mask_counts(mask: torch.Tensor) -> dict[str, Any]:
+    total = mask.numel()
+    kept = int(mask.sum()) if total else 0
+    return {
+        "sparsity": (total - kept) / total if total else 0.0,
+        "num_params": total,
+        "num_pruned": total - kept,
+        "num_kept": kept,
+        "shape": tuple(mask.shape),
+    }
+
+
+def validate_mask(
+    mask: torch.Tensor, expected_sparsity: float | None = None, tolerance: float = 0.01
+) -> tuple[bool, dict[str, Any]]:
+    """Check that ``mask`` is a proper mask and, if given, near ``expected_sparsity``.
+
+    Returns ``(is_valid, stats)``; ``stats`` holds ``sparsity``, ``num_params``,
+    ``num_pruned``, ``num_kept``, ``shape``, ``dtype`` and ``error`` (None when valid).
+    """
+    if not isinstance(mask, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"mask is {type(mask).__name__}; expected a torch.Tensor")
+    if expected_sparsity is not None:
+        if isinstance(expected_sparsity, bool) or not isinstance(expected_sparsity, (int, float)) or not (
+            0.0 <= expected_sparsity <= 1.0
+        ):
+            raise ValueError(f"expected_sparsity={expected_sparsity!r} must be a float in [0, 1] or None")
+    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
+    tensor = torch.as_tensor(mask)
+    stats: dict[str, Any] = {"dtype": str(tensor.dtype), "shape": tuple(tensor.shape), "error": None}
+    try:
+        bool_mask = as_bool_mask(tensor)
+    except (TypeError, ValueError) as exc:
+        stats["error"] = str(exc)
+        return False, stats
+    if bool_mask.numel() == 0:
+        stats["error"] = "mask is empty"
+        return False, stats
+    stats.update(_mask_counts(bool_mask))
+    if expected_sparsity is not None:
+        deviation = abs(stats["sparsity"] - expected_sparsity)
+        stats["expected_sparsity"] = expected_sparsity
+        stats["deviation"] = deviation
+        if deviation > tolerance:
+            stats["error"] = (
+                f"sparsity {stats['sparsity']:.4f} differs from expected {expected_sparsity:.4f} "
+                f"by {deviation:.4f} > tolerance {tolerance}"
+            )
+            return False, stats
+    return True, stats
+
+
+def _resolve_format(path: PathLike, format: str | None) -> str:
+    if format is not None:
+        if format not in MASK_FORMATS:
+            raise ValueError(f"format={format!r} is unknown; accepted: {', '.join(MASK_FORMATS)}")
+        return format
+    suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise ValueError(
+            f"cannot infer the mask format from {str(path)!r}; pass format= one of "
+            f"{', '.join(MASK_FORMATS)} or use a .pt/.npz/.safetensors extension"
+        )
+    return _EXTENSIONS[suffix]
+
+
+def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-serialisable (str, numbers, bools, lists, dicts): {exc}") from None
+
+
+def save_mask(
+    masks: Mapping[str, torch.Tensor],
+    path: PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    format: str | None = None,
+) -> None:
+    """Save ``masks`` with JSON ``metadata`` as .pt, .npz or .safetensors.
+
+    The format comes from ``format`` or the file extension. The write is atomic: on any
+    error the previous file at ``path`` is left as it was.
+    """
+    fmt = _resolve_format(path, format)
+    if not isinstance(masks, Mapping) or not masks:
+        raise ValueError("masks must be a non-empty dict of parameter name -> bool tensor")
+    meta = _metadata_json(metadata)
+    tensors = {}
+    for name, mask in masks.items():
+        if not isinstance(name, str) or not name or name == _METADATA_KEY:
+            raise ValueError(f"mask name {name!r} is not allowed")
+        tensors[name] = as_bool_mask(mask, f"masks[{name!r}]").detach().cpu().contiguous()
+    if fmt == "pt":
+        with atomic_open(path) as handle:
+            torch.save({"format": _FORMAT_TAG, "version": 1, "metadata": meta, "masks": tensors}, handle)
+    elif fmt == "npz":
+        arrays = {name: t.numpy() for name, t in tensors.items()}
+        arrays[_METADATA_KEY] = np.frombuffer(meta.encode(), dtype=np.uint8)
+        with atomic_open(path) as handle:
+            np.savez_compressed(handle, **arrays)
+    else:
+        from safetensors.torch import save
+
+        atomic_write_bytes(path, save(tensors, metadata={_METADATA_KEY: meta, "format": _FORMAT_TAG}))
+
+
+def _read(path: Path, fmt: str) -> tuple[dict[str, Any], str]:
+    if fmt == "pt":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and obj.get("format") == _FORMAT_TAG:
+            return dict(obj["masks"]), obj.get("metadata", "{}")
+        if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj), "{}"  # a plain {name: tensor} file written by other tools
+        raise ValueError("the file holds no masks (expected a dict of tensors)")
+    if fmt == "npz":
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        meta = arrays.pop(_METADATA_KEY, np.frombuffer(b"{}", dtype=np.uint8))
+        return arrays, bytes(meta.astype(np.uint8)).decode()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = (handle.metadata() or {}).get(_METADATA_KEY, "{}")
+        return {name: handle.get_tensor(name) for name in handle.keys()}, meta
+
+
+def load_mask(
+    path: PathLike, format: str | None = None, device: Union[str, torch.device] = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load masks saved by :func:`save_mask`; returns ``(masks, metadata)``.
+
+    Reading is safe: ``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``.
+    A truncated or corrupted file raises ValueError naming the file and format.
+    """
+    fmt = _resolve_format(path, format)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
+    try:
+        raw, meta = _read(path, fmt)
+        metadata = json.loads(meta)
+    except (ValueError, KeyError, EOFError, OSError, RuntimeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ValueError(f"could not read masks from {str(path)!r} as {fmt}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error type, unpickling refusals
+        raise ValueError(f"could not read masks from {str(path)!r} as {fmt}: {exc}") from None
+    if not raw:
+        raise ValueError(f"{str(path)!r} holds no masks")
+    masks = {name: as_bool_mask(t, f"mask {name!r} in {path}").to(device) for name, t in raw.items()}
+    return masks, metadata
+
+
+def compute_sparsity_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer and global sparsity of ``masks``.
+
+    Returns ``{"global": {...}, "per_layer": {name: {...}}}``; global holds ``sparsity``
+    (pruned fraction over all weights), ``total_params``, ``total_pruned``, ``total_kept``,
+    ``num_layers`` and the mean/std/min/max of the per-layer sparsities.
+    """
+    if not isinstance(masks, Mapping) or not masks:
+        raise ValueError("masks must be a non-empty dict of name -> mask")
+    per_layer = {name: _mask_counts(as_bool_mask(m, f"masks[{name!r}]")) for name, m in masks.items()}
+    total = sum(s["num_params"] for s in per_layer.values())
+    pruned = sum(s["num_pruned"] for s in per_layer.values())
+    layer_sparsity = np.array([s["sparsity"] for s in per_layer.values()], dtype=np.float64)
+    return {
+        "global": {
+            "sparsity": pruned / total if total else 0.0,
+            "total_params": total,
+            "total_pruned": pruned,
+            "total_kept": total - pruned,
+            "num_layers": len(per_layer),
+            "mean_layer_sparsity": float(layer_sparsity.mean()),
+            "std_layer_sparsity": float(layer_sparsity.std()),
+            "min_layer_sparsity": float(layer_sparsity.min()),
+            "max_layer_sparsity": float(layer_sparsity.max()),
+        },
+        "per_layer": per_layer,
+    }
+
+
+def plot_sparsity_histogram(
+    masks: Mapping[str, torch.Tensor],
+    save_path: PathLike | None = None,
+    bins: int = 20,
+    title: str | None = None,
+):
+    """Histogram of per-layer sparsity, with the global sparsity marked.
+
+    Works headless (no pyplot, no display). Returns the matplotlib Figure; writes a PNG
+    atomically when ``save_path`` is given.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins={bins!r} must be an int >= 1")
+    stats = compute_sparsity_stats(masks)
+    values = [s["sparsity"] for s in stats["per_layer"].values()]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(values, bins=bins, range=(0.0, 1.0), color="#4C72B0", edgecolor="white")
+    glob = stats["global"]["sparsity"]
+    ax.axvline(glob, color="#C44E52", linestyle="--", label=f"global {glob:.1%}")
+    ax.set_xlabel("layer sparsity (fraction pruned)")
+    ax.set_ylabel("number of layers")
+    ax.set_title(title or f"Sparsity of {len(values)} masks")
+    ax.legend()
+    fig.tight_layout()
+    if save_path is not None:
+        with atomic_open(save_path) as handle:
+            fig.savefig(handle, format="png")
+    return fig
+
+
+def apply_masks_to_model(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Zero the pruned weights of ``model`` in place and return it.
+
+    Keys are parameter names (module names are accepted). Every mask is checked before
+    any weight changes, so a bad mask leaves the model untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    resolved = normalise_mask_keys(masks, params)
+    checked = {name: as_bool_mask(m, f"masks[{name!r}]") for name, m in resolved.items()}
+    for name, mask in checked.items():
+        ops.apply_mask_(params[name].data, mask.to(params[name].device))
+    return model
