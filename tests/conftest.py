@@ -1,0 +1,56 @@
+"""Shared fixtures: small models built from code, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+class ThreeLayers(nn.Module):
+    """A model with named layers, as in the seed's layer-specific example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(12, 24)
+        self.layer2 = nn.Linear(24, 24)
+        self.layer3 = nn.Linear(24, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer3(torch.relu(self.layer2(torch.relu(self.layer1(x)))))
+
+
+@pytest.fixture
+def three_layers() -> ThreeLayers:
+    torch.manual_seed(0)
+    return ThreeLayers()
+
+
+def tiny_bert(seed: int = 0):
+    """A 2-layer BERT built from a config (random init)."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=32,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2 LM built from a config (random init); uses transformers' Conv1D."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama LM built from a config (random init), nn.Linear projections."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
