@@ -32,6 +32,7 @@ MASK_FORMATS = ("pt", "npz", "safetensors")
 _EXTENSIONS = {".pt": "pt", ".pth": "pt", ".npz": "npz", ".safetensors": "safetensors"}
 _METADATA_KEY = "__sparselora_metadata__"
 _FORMAT_TAG = "sparselora-masks"
+_ORDER_KEY = "__sparselora_order__"
 PathLike = Union[str, os.PathLike]
 
 
@@ -159,7 +160,9 @@ def save_mask(
     else:
         from safetensors.torch import save
 
-        atomic_write_bytes(path, save(tensors, metadata={_METADATA_KEY: meta, "format": _FORMAT_TAG}))
+        # safetensors sorts its keys; the order (model order) is kept in the header
+        header = {_METADATA_KEY: meta, "format": _FORMAT_TAG, _ORDER_KEY: json.dumps(list(tensors))}
+        atomic_write_bytes(path, save(tensors, metadata=header))
 
 
 def _read(path: Path, fmt: str) -> tuple[dict[str, Any], str]:
@@ -178,8 +181,12 @@ def _read(path: Path, fmt: str) -> tuple[dict[str, Any], str]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        meta = (handle.metadata() or {}).get(_METADATA_KEY, "{}")
-        return {name: handle.get_tensor(name) for name in handle.keys()}, meta
+        header = handle.metadata() or {}
+        names = list(handle.keys())
+        order = json.loads(header.get(_ORDER_KEY, "[]"))
+        if sorted(order) == sorted(names):
+            names = order
+        return {name: handle.get_tensor(name) for name in names}, header.get(_METADATA_KEY, "{}")
 
 
 def load_mask(
