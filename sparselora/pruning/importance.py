@@ -176,5 +176,10 @@ def compute_layer_importance(
                     f"{tuple(target.weight.shape)}, got {getattr(score, 'shape', type(score).__name__)}"
                 )
             score = score.detach()
+        if score.numel() and not bool(torch.isfinite(score).all()):
+            raise ValueError(
+                f"importance method={method!r} gave NaN or inf scores for {target.name!r}; "
+                "scores must be finite"
+            )
         scores[target.name] = score
     return scores

@@ -43,6 +43,9 @@ def as_bool_mask(mask: Any, name: str = "mask") -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} is {type(mask).__name__}; expected a torch.Tensor")
     if mask.dtype == torch.bool:
+        # a bool tensor read from a damaged file can hold bytes other than 0/1
+        if mask.numel() and bool((mask.view(torch.uint8) > 1).any()):
+            raise ValueError(f"{name} holds bytes other than 0 and 1; the data is corrupted")
         return mask
     if mask.is_complex():
         raise TypeError(f"{name} has complex dtype {mask.dtype}; masks are bool or 0/1")
@@ -124,7 +127,7 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
+        return json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-serialisable (str, numbers, bools, lists, dicts): {exc}") from None
 
@@ -167,6 +170,11 @@ def save_mask(
 
 def _read(path: Path, fmt: str) -> tuple[dict[str, Any], str]:
     if fmt == "pt":
+        # torch's zip reader skips CRC checks; verify them so damaged data is not loaded
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"record {damaged!r} fails its CRC check")
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping) and obj.get("format") == _FORMAT_TAG:
             return dict(obj["masks"]), obj.get("metadata", "{}")
