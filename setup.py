@@ -50,15 +50,13 @@ def extensions():
         if REQUIRE_EXTENSION:
             raise RuntimeError("SPARSELORA_REQUIRE_EXTENSION=1 but csrc/ or pybind11 is missing")
         return []
-    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     return [
         Pybind11Extension(
             "sparselora._C",
             sources,
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3"] + openmp,
-            extra_link_args=openmp,
+            extra_compile_args=["-O3"],
         )
     ]
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import reference  # noqa: F401  - registers the always-available backend
+from . import cpp, reference  # noqa: F401  - importing registers the backends
 from ._dispatch import BackendUnavailableError, last_backend, registered_backends, resolve
 from ._types import PruneThreshold
 
@@ -52,12 +52,12 @@ def _check_scores(scores: Sequence[torch.Tensor], name: str = "scores") -> None:
             raise TypeError(
                 f"{name}[{i}] has dtype {s.dtype}; accepted: float16, bfloat16, float32, float64"
             )
-        if s.numel() and not bool(torch.isfinite(s).all()):
-            raise ValueError(f"{name}[{i}] contains NaN or inf; scores must be finite")
 
 
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False) -> PruneThreshold:
     """Exact cut of one comparison group made of ``scores`` so that exactly ``k`` are pruned.
+
+    Raises ValueError when a score is NaN or inf.
 
     With ``absolute=True`` the key of each element is its magnitude, read straight from
     the tensor (no |W| copy is needed by compiled backends).
@@ -91,15 +91,11 @@ def select_prune_mask(
     Ties at the cut are pruned lowest flat index first, tensors in the order given.
     """
     scores = list(scores)
-    threshold = prune_threshold(scores, k, absolute=absolute)
-    masks, ties_left = [], threshold.ties
-    for score in scores:
-        mask, used = write_prune_mask(score, threshold, ties_left, absolute=absolute)
-        ties_left -= used
-        masks.append(mask)
-    if ties_left:
-        raise AssertionError(f"tie quota not exhausted ({ties_left} left); backend bug")
-    return masks
+    _check_scores(scores)
+    total = sum(s.numel() for s in scores)
+    if not (isinstance(k, int) and 0 <= k <= total):
+        raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
+    return resolve("select_prune_mask", scores, k, absolute)(scores, k, absolute)
 
 
 def _check_mask_for(weight: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> None:

@@ -16,6 +16,7 @@ from ._types import PruneThreshold
 __all__ = [
     "prune_threshold",
     "write_prune_mask",
+    "select_prune_mask",
     "apply_mask_",
     "merge_lora_",
     "masked_lora_weight",
@@ -37,10 +38,13 @@ def _keys(score: torch.Tensor, absolute: bool, dtype: torch.dtype) -> torch.Tens
 
 @register("prune_threshold", "reference", priority=REFERENCE_PRIORITY)
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
-    if k == 0:
-        return PruneThreshold(float("-inf"), 0)
     dtype = _compare_dtype(scores)
     flat = torch.cat([_keys(s.detach().cpu(), absolute, dtype) for s in scores])
+    bad = int((~torch.isfinite(flat)).sum())
+    if bad:
+        raise ValueError(f"scores contain {bad} NaN or inf values; scores must be finite")
+    if k == 0:
+        return PruneThreshold(float("-inf"), 0)
     value = torch.kthvalue(flat, k).values
     below = int((flat < value).sum())
     return PruneThreshold(float(value), k - below)
@@ -61,6 +65,17 @@ def write_prune_mask(
         used = int(take.sum())
         pruned |= take
     return (~pruned).view(score.shape), used
+
+
+@register("select_prune_mask", "reference", priority=REFERENCE_PRIORITY)
+def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
+    threshold = prune_threshold(scores, k, absolute)
+    masks, ties_left = [], threshold.ties
+    for score in scores:
+        mask, used = write_prune_mask(score, threshold, ties_left, absolute)
+        ties_left -= used
+        masks.append(mask)
+    return masks
 
 
 @register("apply_mask_", "reference", priority=REFERENCE_PRIORITY)

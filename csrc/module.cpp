@@ -1,0 +1,109 @@
+// Python bindings of sparselora._C. Tensors cross as (address, element count, dtype code);
+// the Python side (sparselora/ops/cpp.py) checks devices, dtypes and contiguity.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <tuple>
+
+#include "masks.h"
+#include "merge.h"
+#include "select.h"
+
+namespace py = pybind11;
+using namespace sparselora;
+
+namespace {
+
+template <typename T = void>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+std::vector<Buffer> buffers(const std::vector<uintptr_t>& addresses, const std::vector<int64_t>& sizes,
+                            const std::vector<int>& dtypes) {
+  if (addresses.size() != sizes.size() || sizes.size() != dtypes.size())
+    throw std::invalid_argument("addresses, sizes and dtypes must have the same length");
+  std::vector<Buffer> out;
+  for (size_t i = 0; i < addresses.size(); ++i) out.push_back({ptr<const void>(addresses[i]), sizes[i], dtypes[i]});
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparselora compiled kernels (CPU, multi-threaded, no libtorch)";
+  m.attr("BOOL_BYTES") = static_cast<int>(kBoolBytes);
+  m.attr("PACKED_BITS") = static_cast<int>(kPackedBits);
+
+  m.def(
+      "find_cut",
+      [](const std::vector<uintptr_t>& addresses, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+         int64_t k, bool absolute, int threads) {
+        const Cut cut = find_cut(buffers(addresses, sizes, dtypes), k, absolute, threads);
+        // a std::tuple: Python objects are built after the GIL is taken back
+        return std::make_tuple(static_cast<double>(key_to_float(cut.key, absolute)), cut.ties, cut.nonfinite);
+      },
+      "(value, ties, nonfinite) cutting exactly k (>= 1) of the scores", py::arg("addresses"), py::arg("sizes"),
+      py::arg("dtypes"), py::arg("k"), py::arg("absolute"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "write_mask",
+      [](uintptr_t address, int64_t size, int dtype, double value, int64_t ties_left, bool absolute, uintptr_t out,
+         int layout, int threads) {
+        const uint32_t key = score_key(float_bits(static_cast<float>(value)), absolute);
+        return write_mask({ptr<const void>(address), size, dtype}, key, ties_left, absolute, ptr(out), layout, threads);
+      },
+      "write one tensor's keep-mask under a cut; returns the ties it pruned",
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "select_masks",
+      [](const std::vector<uintptr_t>& addresses, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+         int64_t k, bool absolute, const std::vector<uintptr_t>& outs, int layout, int threads) {
+        std::vector<void*> out_ptrs;
+        for (uintptr_t o : outs) out_ptrs.push_back(ptr(o));
+        return select_masks(buffers(addresses, sizes, dtypes), k, absolute, out_ptrs, layout, threads);
+      },
+      "keep-masks pruning exactly the k lowest scores; returns the count of non-finite scores",
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "key_histogram",
+      [](const std::vector<uintptr_t>& addresses, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+         bool absolute, int64_t high, uintptr_t counts, int threads) {
+        int64_t nonfinite = 0;
+        key_histogram(buffers(addresses, sizes, dtypes), absolute, high, ptr<int64_t>(counts), &nonfinite, threads);
+        return nonfinite;
+      },
+      "65536-bin histogram of score keys (high half, or low half within one high bucket)",
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "pack_bits",
+      [](uintptr_t bools, int64_t n, uintptr_t packed, int threads) {
+        pack_bits(ptr<const uint8_t>(bools), n, ptr<uint8_t>(packed), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "unpack_bits",
+      [](uintptr_t packed, int64_t n, uintptr_t bools, int threads) {
+        unpack_bits(ptr<const uint8_t>(packed), n, ptr<uint8_t>(bools), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "apply_mask",
+      [](uintptr_t weights, int dtype, int64_t n, uintptr_t mask, int layout, int threads) {
+        apply_mask(ptr(weights), dtype, n, ptr<const uint8_t>(mask), layout, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "merge_lora",
+      [](uintptr_t W, int dtype, int64_t rows, int64_t cols, uintptr_t A, uintptr_t B, int64_t r, double scaling,
+         uintptr_t mask, int layout, uintptr_t dst, int threads) {
+        merge_lora(W ? ptr<const void>(W) : nullptr, dtype, rows, cols, ptr<const float>(A), ptr<const float>(B), r,
+                   static_cast<float>(scaling), mask ? ptr<const uint8_t>(mask) : nullptr, layout, ptr(dst), threads);
+      },
+      "dst = (W + scaling * B @ A) * mask, fp32 accumulation, one pass",
+      py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,339 @@
+// Exact global threshold at memory speed.
+//
+// find_cut / select_masks first bracket the k-th smallest key with a strided sample, then
+// make one pass over the scores: keys below the bracket are pruned, keys above it kept,
+// and the few keys inside it are collected and resolved exactly (nth_element). When the
+// bracket misses or holds too many keys (heavy ties), a two-pass radix select on the
+// 16-bit halves of the keys decides instead. Either way the result is exact and the
+// same for any thread count: only integer counts cross threads.
+#include "select.h"
+
+#include <atomic>
+#include <cmath>
+
+namespace sparselora {
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 15;  // elements per parallel work item (multiple of 8)
+constexpr int64_t kBins = 65536;
+
+struct Candidate {
+  uint32_t offset;  // within its chunk
+  uint32_t key;
+};
+
+inline void write_keep(void* out, int layout, int64_t i, bool keep) {
+  if (layout == kBoolBytes) {
+    static_cast<uint8_t*>(out)[i] = keep;
+  } else {
+    uint8_t* byte = static_cast<uint8_t*>(out) + (i >> 3);
+    const uint8_t bit = static_cast<uint8_t>(1u << (i & 7));
+    *byte = keep ? (*byte | bit) : (*byte & ~bit);
+  }
+}
+
+// Packed writes collect 8 decisions into one byte; chunk starts are multiples of 8.
+struct MaskWriter {
+  void* out;
+  int layout;
+  uint8_t pending = 0;
+
+  inline void put(int64_t i, bool keep) {
+    if (layout == kBoolBytes) {
+      static_cast<uint8_t*>(out)[i] = keep;
+      return;
+    }
+    pending |= static_cast<uint8_t>(keep) << (i & 7);
+    if ((i & 7) == 7) {
+      static_cast<uint8_t*>(out)[i >> 3] = pending;
+      pending = 0;
+    }
+  }
+  inline void finish(int64_t end) {
+    if (layout == kPackedBits && (end & 7)) static_cast<uint8_t*>(out)[end >> 3] = pending;
+  }
+};
+
+// Keys of one chunk: below-bracket count, in-bracket keys (collected when `collect`),
+// keep-mask written as key > hi when `out` is set.
+struct ChunkScan {
+  int64_t below = 0;
+  int64_t inside = 0;
+  int64_t nonfinite = 0;
+};
+
+template <int D>
+ChunkScan scan_chunk(const Buffer& t, const Chunk& c, bool absolute, uint32_t lo, uint32_t hi, void* out,
+                     int layout, std::vector<Candidate>* collect) {
+  ChunkScan s;
+  MaskWriter writer{out, layout};
+  for (int64_t i = c.begin; i < c.end; ++i) {
+    const uint32_t u = load_bits<D>(t.data, i);
+    s.nonfinite += is_nonfinite_bits(u);
+    const uint32_t key = score_key(u, absolute);
+    s.below += key < lo;
+    const bool in = key >= lo && key <= hi;
+    s.inside += in;
+    if (out) writer.put(i, key > hi);
+    if (in && collect) collect->push_back({static_cast<uint32_t>(i - c.begin), key});
+  }
+  if (out) writer.finish(c.end);
+  return s;
+}
+
+ChunkScan scan(const Buffer& t, const Chunk& c, bool absolute, uint32_t lo, uint32_t hi, void* out, int layout,
+               std::vector<Candidate>* collect) {
+  return dispatch_dtype(t.dtype, [&](auto tag) {
+    return scan_chunk<decltype(tag)::value>(t, c, absolute, lo, hi, out, layout, collect);
+  });
+}
+
+uint32_t key_at(const std::vector<Buffer>& tensors, const std::vector<int64_t>& starts, int64_t pos, bool absolute) {
+  const int t = static_cast<int>(std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin()) - 1;
+  const int64_t i = pos - starts[t];
+  return dispatch_dtype(tensors[t].dtype, [&](auto tag) {
+    return score_key(load_bits<decltype(tag)::value>(tensors[t].data, i), absolute);
+  });
+}
+
+// [lo, hi] that holds the k-th smallest key with overwhelming probability.
+void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool absolute, int threads, uint32_t* lo,
+             uint32_t* hi) {
+  std::vector<int64_t> starts;  // first flat index of each non-empty tensor
+  std::vector<Buffer> nonempty;
+  int64_t at = 0;
+  for (const auto& t : tensors) {
+    if (t.numel == 0) continue;
+    starts.push_back(at);
+    nonempty.push_back(t);
+    at += t.numel;
+  }
+  const int64_t m = total <= kBins ? total : std::max<int64_t>(kBins, total >> 8);
+  std::vector<uint32_t> sample(static_cast<size_t>(m));
+  parallel_for(m, threads, [&](int64_t j, int) {
+    const int64_t pos = static_cast<int64_t>((static_cast<double>(j) * total) / m);
+    sample[j] = key_at(nonempty, starts, std::min(pos, total - 1), absolute);
+  });
+  const double p = static_cast<double>(k) / total;
+  const double target = p * m - 0.5;
+  const double margin = m == total ? 0.0 : 5.0 * std::sqrt(m * p * (1.0 - p)) + 16.0;
+  const int64_t r_lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor(target - margin)));
+  const int64_t r_hi = std::min<int64_t>(m - 1, static_cast<int64_t>(std::ceil(target + margin)));
+  if (m == total) {  // the sample is everything: the bracket is the exact key
+    std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end());
+    *lo = *hi = sample[k - 1];
+    return;
+  }
+  std::nth_element(sample.begin(), sample.begin() + r_lo, sample.end());
+  *lo = r_lo == 0 ? 0u : sample[r_lo];
+  std::nth_element(sample.begin() + r_lo, sample.begin() + r_hi, sample.end());
+  *hi = r_hi == m - 1 ? 0xffffffffu : sample[r_hi];
+}
+
+struct BracketPass {
+  int64_t below = 0;
+  int64_t inside = 0;
+  int64_t nonfinite = 0;
+  bool overflow = false;
+};
+
+// One parallel pass over every chunk with bracket [lo, hi].
+BracketPass bracket_pass(const std::vector<Buffer>& tensors, const std::vector<Chunk>& chunks, bool absolute,
+                         uint32_t lo, uint32_t hi, const std::vector<void*>* outs, int layout, int64_t cap,
+                         std::vector<std::vector<Candidate>>& found, int threads) {
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  std::atomic<int64_t> collected{0};
+  std::atomic<bool> overflow{false};
+  std::vector<ChunkScan> per_worker(clamp_threads(threads));
+  parallel_for(n_chunks, threads, [&](int64_t c, int w) {
+    const Chunk& ch = chunks[c];
+    std::vector<Candidate>* collect = overflow.load(std::memory_order_relaxed) ? nullptr : &found[c];
+    void* out = outs ? (*outs)[ch.tensor] : nullptr;
+    const ChunkScan s = scan(tensors[ch.tensor], ch, absolute, lo, hi, out, layout, collect);
+    per_worker[w].below += s.below;
+    per_worker[w].inside += s.inside;
+    per_worker[w].nonfinite += s.nonfinite;
+    if (collect && collected.fetch_add(s.inside) + s.inside > cap) overflow = true;
+  });
+  BracketPass result;
+  for (const ChunkScan& s : per_worker) {
+    result.below += s.below;
+    result.inside += s.inside;
+    result.nonfinite += s.nonfinite;
+  }
+  result.overflow = overflow.load();
+  return result;
+}
+
+Cut resolve_candidates(const std::vector<std::vector<Candidate>>& found, int64_t need) {
+  std::vector<uint32_t> keys;
+  for (const auto& f : found)
+    for (const auto& cand : f) keys.push_back(cand.key);
+  std::nth_element(keys.begin(), keys.begin() + (need - 1), keys.end());
+  const uint32_t key = keys[need - 1];
+  int64_t less = 0;
+  for (uint32_t k : keys) less += k < key;
+  return {key, need - less, 0};
+}
+
+Cut radix_cut(const std::vector<Buffer>& tensors, int64_t k, bool absolute, int threads) {
+  std::vector<int64_t> hist(kBins);
+  int64_t nonfinite = 0;
+  key_histogram(tensors, absolute, -1, hist.data(), &nonfinite, threads);
+  if (nonfinite) return {0, 0, nonfinite};
+  int64_t before = 0, high = 0;
+  while (before + hist[high] < k) before += hist[high++];
+  const int64_t need = k - before;
+  key_histogram(tensors, absolute, high, hist.data(), &nonfinite, threads);
+  int64_t before_low = 0, low = 0;
+  while (before_low + hist[low] < need) before_low += hist[low++];
+  return {static_cast<uint32_t>((high << 16) | low), need - before_low, 0};
+}
+
+int64_t count_total(const std::vector<Buffer>& tensors) {
+  int64_t total = 0;
+  for (const auto& t : tensors) {
+    check_dtype(t.dtype);
+    total += t.numel;
+  }
+  return total;
+}
+
+}  // namespace
+
+void key_histogram(const std::vector<Buffer>& tensors, bool absolute, int64_t high, int64_t* counts,
+                   int64_t* nonfinite, int threads) {
+  threads = clamp_threads(threads);
+  count_total(tensors);
+  const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(kBins, 0));
+  std::vector<int64_t> bad(threads, 0);
+  parallel_for(n_chunks, threads, [&](int64_t c, int w) {
+    const Chunk& ch = chunks[c];
+    const Buffer& t = tensors[ch.tensor];
+    int64_t* h = local[w].data();
+    bad[w] += dispatch_dtype(t.dtype, [&](auto tag) {
+      constexpr int D = decltype(tag)::value;
+      int64_t nf = 0;
+      for (int64_t i = ch.begin; i < ch.end; ++i) {
+        const uint32_t u = load_bits<D>(t.data, i);
+        nf += is_nonfinite_bits(u);
+        const uint32_t key = score_key(u, absolute);
+        if (high < 0)
+          ++h[key >> 16];
+        else if ((key >> 16) == static_cast<uint32_t>(high))
+          ++h[key & 0xffffu];
+      }
+      return nf;
+    });
+  });
+  for (int64_t b = 0; b < kBins; ++b) {
+    int64_t sum = 0;
+    for (const auto& h : local) sum += h[b];
+    counts[b] = sum;
+  }
+  *nonfinite = 0;
+  for (int64_t v : bad) *nonfinite += v;
+}
+
+Cut find_cut(const std::vector<Buffer>& tensors, int64_t k, bool absolute, int threads) {
+  threads = clamp_threads(threads);
+  const int64_t total = count_total(tensors);
+  if (k < 1 || k > total) throw std::invalid_argument("k must be in [1, total number of scores]");
+  uint32_t lo, hi;
+  bracket(tensors, total, k, absolute, threads, &lo, &hi);
+  const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
+  std::vector<std::vector<Candidate>> found(chunks.size());
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 16, total / 8);
+  const BracketPass pass = bracket_pass(tensors, chunks, absolute, lo, hi, nullptr, kBoolBytes, cap, found, threads);
+  if (pass.nonfinite) return {0, 0, pass.nonfinite};
+  if (pass.overflow || pass.below >= k || pass.below + pass.inside < k) return radix_cut(tensors, k, absolute, threads);
+  return resolve_candidates(found, k - pass.below);
+}
+
+int64_t write_mask(const Buffer& tensor, uint32_t cut_key, int64_t ties_left, bool absolute, void* out, int layout,
+                   int threads) {
+  threads = clamp_threads(threads);
+  check_dtype(tensor.dtype);
+  const std::vector<Buffer> one{tensor};
+  const std::vector<Chunk> chunks = make_chunks(one, kChunk);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<int64_t> tied(n_chunks, 0);
+  // pass 1: keep key > cut (ties pruned for now), count ties per chunk
+  parallel_for(n_chunks, threads, [&](int64_t c, int) {
+    tied[c] = scan(tensor, chunks[c], absolute, cut_key, cut_key, out, layout, nullptr).inside;
+  });
+  // the first `ties_left` tied keys in flat order stay pruned; later ones are kept
+  std::vector<int64_t> quota(n_chunks, 0);
+  int64_t remaining = ties_left;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    quota[c] = std::min(tied[c], remaining);
+    remaining -= quota[c];
+  }
+  // pass 2, only over chunks holding ties to keep
+  parallel_for(n_chunks, threads, [&](int64_t c, int) {
+    if (tied[c] == quota[c]) return;
+    int64_t skip = quota[c];
+    dispatch_dtype(tensor.dtype, [&](auto tag) {
+      constexpr int D = decltype(tag)::value;
+      for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) {
+        if (score_key(load_bits<D>(tensor.data, i), absolute) != cut_key) continue;
+        if (skip > 0)
+          --skip;
+        else
+          write_keep(out, layout, i, true);
+      }
+      return 0;
+    });
+  });
+  return ties_left - remaining;
+}
+
+int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolute, const std::vector<void*>& outs,
+                     int layout, int threads) {
+  threads = clamp_threads(threads);
+  const int64_t total = count_total(tensors);
+  if (outs.size() != tensors.size()) throw std::invalid_argument("one output buffer per tensor is needed");
+  if (k < 0 || k > total) throw std::invalid_argument("k must be in [0, total number of scores]");
+  const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
+  std::vector<std::vector<Candidate>> found(chunks.size());
+  if (k == 0) {  // keep everything; still reject non-finite scores
+    const BracketPass pass = bracket_pass(tensors, chunks, absolute, 0, 0, nullptr, layout, -1, found, threads);
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      const int64_t bytes = layout == kBoolBytes ? tensors[t].numel : (tensors[t].numel + 7) / 8;
+      std::memset(outs[t], layout == kBoolBytes ? 1 : 0xff, static_cast<size_t>(bytes));
+      if (layout == kPackedBits && (tensors[t].numel & 7))
+        static_cast<uint8_t*>(outs[t])[bytes - 1] = static_cast<uint8_t>((1u << (tensors[t].numel & 7)) - 1);
+    }
+    return pass.nonfinite;
+  }
+  uint32_t lo, hi;
+  bracket(tensors, total, k, absolute, threads, &lo, &hi);
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 16, total / 8);
+  const BracketPass pass = bracket_pass(tensors, chunks, absolute, lo, hi, &outs, layout, cap, found, threads);
+  if (pass.nonfinite) return pass.nonfinite;
+  if (pass.overflow || pass.below >= k || pass.below + pass.inside < k) {
+    const Cut cut = radix_cut(tensors, k, absolute, threads);
+    int64_t ties = cut.ties;
+    for (size_t t = 0; t < tensors.size(); ++t)
+      ties -= write_mask(tensors[t], cut.key, ties, absolute, outs[t], layout, threads);
+    return 0;
+  }
+  // the pass pruned every key <= hi; settle the bracketed ones exactly, in flat order
+  const Cut cut = resolve_candidates(found, k - pass.below);
+  int64_t ties = cut.ties;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    for (const Candidate& cand : found[c]) {
+      bool keep = cand.key > cut.key;
+      if (cand.key == cut.key) {
+        keep = ties <= 0;
+        ties -= !keep;
+      }
+      write_keep(outs[chunks[c].tensor], layout, chunks[c].begin + cand.offset, keep);
+    }
+  }
+  return 0;
+}
+
+}  // namespace sparselora

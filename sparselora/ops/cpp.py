@@ -1,0 +1,301 @@
+"""The cpp backend: CPU kernels of ``sparselora._C`` behind the ops' signatures.
+
+Tensors cross into C++ as (address, element count, dtype code). Each op's ``check``
+says why a call cannot run here (extension missing, CUDA tensor, float64, ...); the
+dispatcher then falls back to the reference, or raises when this backend was forced.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import register
+from ._types import PruneThreshold
+
+__all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply_packed_mask_"]
+
+CPP_PRIORITY = 10
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+try:
+    from .. import _C
+except ImportError as exc:  # no compiler at install time, or a broken build
+    _C = None
+    _IMPORT_ERROR = f"sparselora._C could not be imported ({exc})"
+    warnings.warn(f"{_IMPORT_ERROR}; every op runs on the slower reference backend", RuntimeWarning, stacklevel=2)
+else:
+    _IMPORT_ERROR = None
+
+
+def available() -> bool:
+    """True when the compiled extension loaded."""
+    return _C is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is unavailable, or None."""
+    return _IMPORT_ERROR
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _tensor_reason(t: torch.Tensor | None, what: str) -> str | None:
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        return f"{what} is on {t.device}; the cpp backend runs CPU tensors"
+    if t.dtype not in _DTYPE_CODES:
+        return f"{what} has dtype {t.dtype}; the cpp backend takes float32, float16 and bfloat16"
+    return None
+
+
+def _first_reason(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r is not None), None)
+
+
+def _scores_reason(scores: Sequence[torch.Tensor], *_args) -> str | None:
+    if _C is None:
+        return _IMPORT_ERROR
+    return _first_reason(*(_tensor_reason(s, f"scores[{i}]") for i, s in enumerate(scores)))
+
+
+def _layout(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[int], list[int], list[int]]:
+    # contiguous views (a copy only for non-contiguous input) kept alive by the caller
+    flat = [t.detach().contiguous() for t in tensors]
+    return flat, [t.data_ptr() for t in flat], [t.numel() for t in flat], [_DTYPE_CODES[t.dtype] for t in flat]
+
+
+def _raise_nonfinite(count: int) -> None:
+    if count:
+        raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
+
+
+@register("prune_threshold", "cpp", priority=CPP_PRIORITY, check=_scores_reason)
+def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
+    keep_alive, addresses, sizes, dtypes = _layout(*scores)
+    if k == 0:
+        counts = torch.empty(65536, dtype=torch.int64)
+        _raise_nonfinite(_C.key_histogram(addresses, sizes, dtypes, absolute, -1, counts.data_ptr(), _threads()))
+        return PruneThreshold(float("-inf"), 0)
+    value, ties, nonfinite = _C.find_cut(addresses, sizes, dtypes, k, absolute, _threads())
+    _raise_nonfinite(nonfinite)
+    del keep_alive
+    return PruneThreshold(value, ties)
+
+
+def _write_reason(score: torch.Tensor, *_args) -> str | None:
+    return _IMPORT_ERROR if _C is None else _tensor_reason(score, "score")
+
+
+@register("write_prune_mask", "cpp", priority=CPP_PRIORITY, check=_write_reason)
+def write_prune_mask(
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool
+) -> tuple[torch.Tensor, int]:
+    if threshold.value == float("-inf"):  # nothing pruned in this group
+        return torch.ones(score.shape, dtype=torch.bool), 0
+    (flat,), (address,), (size,), (dtype,) = _layout(score)
+    out = torch.empty(score.shape, dtype=torch.bool)
+    used = _C.write_mask(address, size, dtype, threshold.value, ties_left, absolute, out.data_ptr(), _C.BOOL_BYTES, _threads())
+    return out, used
+
+
+@register("select_prune_mask", "cpp", priority=CPP_PRIORITY, check=_scores_reason)
+def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
+    keep_alive, addresses, sizes, dtypes = _layout(*scores)
+    outs = [torch.empty(s.shape, dtype=torch.bool) for s in scores]
+    nonfinite = _C.select_masks(addresses, sizes, dtypes, k, absolute, [o.data_ptr() for o in outs], _C.BOOL_BYTES, _threads())
+    _raise_nonfinite(nonfinite)
+    del keep_alive
+    return outs
+
+
+def _inplace_reason(weight: torch.Tensor, mask: torch.Tensor | None, *_args) -> str | None:
+    if _C is None:
+        return _IMPORT_ERROR
+    if not weight.is_contiguous():
+        return "weight is not contiguous; the cpp backend writes contiguous weights in place"
+    return _first_reason(_tensor_reason(weight, "weight"), _mask_reason(mask))
+
+
+def _mask_reason(mask: torch.Tensor | None) -> str | None:
+    if mask is not None and mask.device.type != "cpu":
+        return f"mask is on {mask.device}; the cpp backend runs CPU tensors"
+    return None
+
+
+@register("apply_mask_", "cpp", priority=CPP_PRIORITY, check=_inplace_reason)
+def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.contiguous()
+    _C.apply_mask(weight.data_ptr(), _DTYPE_CODES[weight.dtype], weight.numel(), mask.data_ptr(), _C.BOOL_BYTES, _threads())
+    return weight
+
+
+def _merge_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
+    return _first_reason(_inplace_reason(weight, mask), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"))
+
+
+def _effective_weight(
+    weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+    mask: torch.Tensor | None, out: torch.Tensor,
+) -> torch.Tensor:
+    rows, cols = out.shape
+    a = lora_A.detach().float().contiguous()
+    b = lora_B.detach().float().contiguous()
+    mask = None if mask is None else mask.contiguous()
+    base = None if weight is None else weight.detach().contiguous()
+    _C.merge_lora(
+        0 if base is None else base.data_ptr(), _DTYPE_CODES[out.dtype], rows, cols, a.data_ptr(), b.data_ptr(),
+        a.shape[0], scaling, 0 if mask is None else mask.data_ptr(), _C.BOOL_BYTES, out.data_ptr(), _threads(),
+    )
+    return out
+
+
+@register("merge_lora_", "cpp", priority=CPP_PRIORITY, check=_merge_reason)
+def merge_lora_(weight, lora_A, lora_B, scaling, mask):
+    return _effective_weight(weight, lora_A, lora_B, scaling, mask, weight)
+
+
+class _MaskedLoRAWeight(torch.autograd.Function):
+    """W_eff = (W + s·B@A) ⊙ M; gradients for lora_A / lora_B from G = grad ⊙ M."""
+
+    @staticmethod
+    def forward(ctx, weight, lora_A, lora_B, scaling, mask):
+        dtype = lora_A.dtype if weight is None else weight.dtype
+        out = torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype)
+        _effective_weight(weight, lora_A, lora_B, scaling, mask, out)
+        ctx.save_for_backward(lora_A, lora_B, mask)
+        ctx.scaling = scaling
+        ctx.has_weight = weight is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lora_A, lora_B, mask = ctx.saved_tensors
+        g = grad.contiguous().clone()
+        _C.apply_mask(g.data_ptr(), _DTYPE_CODES[g.dtype], g.numel(), mask.contiguous().data_ptr(), _C.BOOL_BYTES, _threads())
+        d_b = ctx.scaling * (g @ lora_A.t()) if ctx.needs_input_grad[2] else None
+        d_a = ctx.scaling * (lora_B.t() @ g) if ctx.needs_input_grad[1] else None
+        d_w = g if ctx.has_weight and ctx.needs_input_grad[0] else None
+        return d_w, d_a, d_b, None, None
+
+
+def _lora_reason(weight, lora_A, lora_B, scaling, mask, *_args) -> str | None:
+    if _C is None:
+        return _IMPORT_ERROR
+    reason = _first_reason(
+        _tensor_reason(weight, "weight"), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"),
+        _mask_reason(mask),
+    )
+    if reason is None and weight is not None and not (weight.dtype == lora_A.dtype == lora_B.dtype):
+        reason = "weight, lora_A and lora_B must share a dtype on the cpp backend"
+    return reason
+
+
+@register("masked_lora_weight", "cpp", priority=CPP_PRIORITY, check=_lora_reason)
+def masked_lora_weight(weight, lora_A, lora_B, scaling, mask):
+    return _MaskedLoRAWeight.apply(weight, lora_A, lora_B, scaling, mask)
+
+
+class _MaskedLoRALinear(torch.autograd.Function):
+    """y = x·W_effᵀ + b with W_eff = (W + s·B@A) ⊙ M, built by one fused pass.
+
+    Backward recomputes W_eff instead of keeping an out×in tensor alive between passes;
+    the weight gradient G = (dYᵀX) ⊙ M is one GEMM, then contracted with A and B.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scaling, mask, bias):
+        dtype = lora_A.dtype if weight is None else weight.dtype
+        w_eff = _effective_weight(weight, lora_A, lora_B, scaling, mask,
+                                  torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype))
+        ctx.save_for_backward(x, weight, lora_A, lora_B, mask)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, mask = ctx.saved_tensors
+        s = ctx.scaling
+        dy = grad_y.reshape(-1, grad_y.shape[-1])
+        d_x = d_w = d_a = d_b = d_bias = None
+        if ctx.needs_input_grad[0]:
+            w_eff = _effective_weight(weight, lora_A, lora_B, s, mask,
+                                      torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dy.dtype))
+            d_x = (dy @ w_eff).view(x.shape)
+        if any(ctx.needs_input_grad[1:4]):
+            g = dy.t() @ x.reshape(-1, x.shape[-1])
+            _C.apply_mask(g.data_ptr(), _DTYPE_CODES[g.dtype], g.numel(), mask.contiguous().data_ptr(), _C.BOOL_BYTES, _threads())
+            if ctx.needs_input_grad[3]:
+                d_b = s * (g @ lora_A.t())
+            if ctx.needs_input_grad[2]:
+                d_a = s * (lora_B.t() @ g)
+            if ctx.needs_input_grad[1]:
+                d_w = g
+        if ctx.has_bias and ctx.needs_input_grad[6]:
+            d_bias = dy.sum(0)
+        return d_x, d_w, d_a, d_b, None, None, d_bias
+
+
+def _linear_reason(x, weight, lora_A, lora_B, scaling, mask, bias) -> str | None:
+    reason = _first_reason(_lora_reason(weight, lora_A, lora_B, scaling, mask), _tensor_reason(x, "x"),
+                           _tensor_reason(bias, "bias"))
+    if reason is None and x.dtype != lora_A.dtype:
+        reason = f"x has dtype {x.dtype} but the adapter has {lora_A.dtype}"
+    return reason
+
+
+@register("masked_lora_linear", "cpp", priority=CPP_PRIORITY, check=_linear_reason)
+def masked_lora_linear(x, weight, lora_A, lora_B, scaling, mask, bias):
+    return _MaskedLoRALinear.apply(x, weight, lora_A, lora_B, scaling, mask, bias)
+
+
+def _check_packable(mask: torch.Tensor) -> None:
+    if _C is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    if mask.dtype != torch.bool or mask.device.type != "cpu":
+        raise TypeError(f"mask must be a CPU torch.bool tensor, got {mask.dtype} on {mask.device}")
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool mask into ``ceil(n/8)`` uint8 bytes: element ``8j+i`` is bit ``i`` of byte
+    ``j`` (least significant bit first, numpy's ``packbits(bitorder="little")``)."""
+    _check_packable(mask)
+    flat = mask.contiguous()
+    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+    _C.pack_bits(flat.data_ptr(), flat.numel(), out.data_ptr(), _threads())
+    return out
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask` for a mask of ``shape``."""
+    if _C is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"packed must be {(n + 7) // 8} uint8 bytes for shape {tuple(shape)}, got {packed.numel()} {packed.dtype}")
+    src = packed.contiguous()
+    out = torch.empty(tuple(shape), dtype=torch.bool)
+    _C.unpack_bits(src.data_ptr(), n, out.data_ptr(), _threads())
+    return out
+
+
+def apply_packed_mask_(weight: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Zero ``weight`` in place where the packed mask has a 0 bit, without unpacking it."""
+    reason = _first_reason(_IMPORT_ERROR, _tensor_reason(weight, "weight"),
+                           None if weight.is_contiguous() else "weight is not contiguous")
+    if reason:
+        raise ValueError(reason)
+    if packed.dtype != torch.uint8 or packed.numel() != (weight.numel() + 7) // 8:
+        raise ValueError(f"packed must hold {(weight.numel() + 7) // 8} uint8 bytes for a weight of {weight.numel()} elements")
+    src = packed.contiguous()
+    _C.apply_mask(weight.data_ptr(), _DTYPE_CODES[weight.dtype], weight.numel(), src.data_ptr(), _C.PACKED_BITS, _threads())
+    return weight
