@@ -1,0 +1,276 @@
+"""The cpp backend against the reference: masks bit for bit, merges within rounding,
+gradients of the sparse_to_sparse layer, packed masks, thread counts, fork safety."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparselora import ops
+from sparselora.ops import cpp
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (7,), (1023,), (4097,), (33, 65), (3, 1, 5)]
+
+
+def test_extension_is_built():
+    assert cpp.available(), cpp.unavailable_reason()
+
+
+def on(backend, monkeypatch, fn, *args, **kwargs):
+    monkeypatch.setenv("SPARSELORA_BACKEND", backend)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        monkeypatch.delenv("SPARSELORA_BACKEND")
+
+
+def both(monkeypatch, op, *args, **kwargs):
+    ref = on("reference", monkeypatch, getattr(ops, op), *args, **kwargs)
+    assert ops.last_backend(op) == "reference"
+    out = on("cpp", monkeypatch, getattr(ops, op), *args, **kwargs)
+    assert ops.last_backend(op) == "cpp"
+    return ref, out
+
+
+def tie_heavy(shape, kind, gen):
+    if kind == "normal":
+        return torch.randn(shape, generator=gen)
+    if kind == "integers":
+        return torch.randint(-3, 4, shape, generator=gen).float()
+    if kind == "all-equal":
+        return torch.full(shape, -0.5)
+    if kind == "signed-zeros":  # -0.0 and +0.0 must tie
+        return torch.where(torch.rand(shape, generator=gen) < 0.5, -0.0, 0.0) + (torch.rand(shape, generator=gen) < 0.3).float()
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["normal", "integers", "all-equal", "signed-zeros"])
+@pytest.mark.parametrize("absolute", [True, False])
+def test_select_matches_reference(monkeypatch, dtype, shape, kind, absolute):
+    gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
+    score = tie_heavy(shape, kind, gen).to(dtype)
+    n = score.numel()
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        ref, out = both(monkeypatch, "select_prune_mask", [score], k, absolute=absolute)
+        assert torch.equal(ref[0], out[0]), (k, kind)
+        assert int((~out[0]).sum()) == k
+        t_ref, t_out = both(monkeypatch, "prune_threshold", [score], k, absolute=absolute)
+        assert t_ref == t_out
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_many_tensors_mixed_dtypes_and_empty(monkeypatch, absolute):
+    gen = torch.Generator().manual_seed(3)
+    scores = [
+        torch.randint(-4, 5, (17, 3), generator=gen).to(torch.bfloat16),
+        torch.empty(0),
+        torch.randn(1000, generator=gen).round(decimals=1).half(),
+        torch.randint(-4, 5, (5, 5, 5), generator=gen).float(),
+    ]
+    total = sum(s.numel() for s in scores)
+    for k in (0, 1, 100, total // 2, total - 3, total):
+        ref, out = both(monkeypatch, "select_prune_mask", scores, k, absolute=absolute)
+        for a, b in zip(ref, out):
+            assert torch.equal(a, b)
+        # the two-step path (threshold, then the writer tensor by tensor) agrees too
+        threshold = on("cpp", monkeypatch, ops.prune_threshold, scores, k, absolute=absolute)
+        ties = threshold.ties
+        for s, want in zip(scores, ref):
+            mask, used = on("cpp", monkeypatch, ops.write_prune_mask, s, threshold, ties, absolute=absolute)
+            ties -= used
+            assert torch.equal(mask, want)
+        assert ties == 0
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["normal", "all-equal", "bracket-miss"],
+    ids=["sampled bracket", "heavy ties (radix fallback)", "unrepresentative sample (radix fallback)"],
+)
+def test_large_inputs_take_every_path(monkeypatch, kind):
+    n = 300_007
+    gen = torch.Generator().manual_seed(5)
+    if kind == "normal":
+        score = torch.randn(n, generator=gen)
+    elif kind == "all-equal":
+        score = torch.ones(n)
+    else:
+        # every position the strided sample reads is large; the true median is small
+        score = torch.rand(n, generator=gen)
+        m = 65536
+        score[(torch.arange(m, dtype=torch.float64) * n / m).long()] = 1000.0
+    for k in (1, n // 2, n - 1):
+        ref, out = both(monkeypatch, "select_prune_mask", [score, score[:999]], k, absolute=True)
+        assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])
+
+
+def test_more_than_2_31_elements_in_total():
+    # one 8M-element buffer listed 300 times: 2.5e9 scores, counts must not overflow int32
+    copies, base = 300, torch.randn(8 * 2**20, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    total = copies * base.numel()
+    assert total > 2**31
+    k = total // 3 + 7
+    value, ties, nonfinite = cpp._C.find_cut([base.data_ptr()] * copies, [base.numel()] * copies, [2] * copies, k, True, 2)
+    keys = base.float().abs()
+    expected = torch.kthvalue(keys, -(-k // copies)).values.item()
+    assert nonfinite == 0 and value == expected
+    assert ties == k - copies * int((keys < expected).sum())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_scores_are_rejected(monkeypatch, bad):
+    score = torch.randn(100)
+    score[57] = bad
+    for backend in ("reference", "cpp"):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            on(backend, monkeypatch, ops.select_prune_mask, [score], 10, absolute=True)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            on(backend, monkeypatch, ops.prune_threshold, [score], 0)
+
+
+def test_non_contiguous_inputs(monkeypatch):
+    score = torch.randint(0, 5, (37, 41)).float().t()
+    assert not score.is_contiguous()
+    ref, out = both(monkeypatch, "select_prune_mask", [score], 700, absolute=True)
+    assert torch.equal(ref[0], out[0])
+    weight = torch.randn(41, 37).t()
+    mask = torch.rand(37, 41) > 0.5
+    # in place on a non-contiguous weight: the cpp backend says why it cannot
+    with pytest.raises(ops.BackendUnavailableError, match="not contiguous"):
+        on("cpp", monkeypatch, ops.apply_mask_, weight, mask)
+    ops.apply_mask_(weight, mask)  # automatic choice falls back to the reference
+    assert ops.last_backend("apply_mask_") == "reference" and torch.equal(weight[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_float64_is_refused_with_a_reason(monkeypatch):
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        on("cpp", monkeypatch, ops.select_prune_mask, [torch.randn(10, dtype=torch.float64)], 3)
+
+
+def test_results_do_not_depend_on_thread_count(monkeypatch):
+    score = torch.randint(0, 50, (400_000,)).float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.select_prune_mask([score], 123_457, absolute=True)[0]
+        torch.set_num_threads(2)
+        two = ops.select_prune_mask([score], 123_457, absolute=True)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    values=st.integers(1, 8),
+    sparsity=st.floats(0, 1),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_property_cpp_equals_reference(n, values, sparsity, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    score = (torch.randint(0, values, (n,), generator=gen).float() - values / 2).to(dtype)
+    k = ops.prune_count(n, sparsity)
+    from sparselora.ops import reference
+
+    want = reference.select_prune_mask([score], k, True)[0]
+    got = cpp.select_prune_mask([score], k, True)[0]
+    assert torch.equal(got, want) and int((~got).sum()) == k
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1023, 4097])
+def test_packed_masks_round_trip_and_apply(n):
+    mask = torch.rand(n) > 0.4
+    packed = cpp.pack_mask(mask)
+    assert torch.equal(packed, torch.from_numpy(np.packbits(mask.numpy(), bitorder="little")))
+    assert torch.equal(cpp.unpack_mask(packed, (n,)), mask)
+    for dtype in DTYPES:
+        w = torch.randn(n).to(dtype)
+        expected = w.clone().masked_fill_(~mask, 0)
+        assert torch.equal(cpp.apply_packed_mask_(w, packed), expected)
+
+
+def exact_merge(weight, lora_A, lora_B, scaling, mask):
+    merged = weight.double() + scaling * (lora_B.double() @ lora_A.double())
+    return merged if mask is None else merged.masked_fill(~mask, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,r", [((1, 1), 1), ((7, 13), 3), ((33, 1023), 16), ((130, 67), 5)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_merge_matches_reference(monkeypatch, dtype, shape, r, masked):
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    lora_A = torch.randn(r, shape[1], generator=gen).to(dtype)
+    lora_B = torch.randn(shape[0], r, generator=gen).to(dtype)
+    mask = torch.rand(shape, generator=gen) > 0.5 if masked else None
+    exact = exact_merge(weight, lora_A, lora_B, 0.75, mask)
+    ref = on("reference", monkeypatch, ops.merge_lora_, weight.clone(), lora_A, lora_B, 0.75, mask)
+    out = on("cpp", monkeypatch, ops.merge_lora_, weight.clone(), lora_A, lora_B, 0.75, mask)
+    assert ops.last_backend("merge_lora_") == "cpp" and out.dtype == dtype
+    # at most 2x the error of the reference in the same dtype (plus one ulp of slack)
+    err, ref_err = (out.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+    assert err <= 2 * ref_err + torch.finfo(dtype).eps * exact.abs().max(), (err, ref_err)
+    if mask is not None:
+        assert torch.equal(out[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_masked_lora_linear_forward_and_gradients(monkeypatch, dtype, with_weight, with_bias):
+    gen = torch.Generator().manual_seed(8)
+    out_f, in_f, r = 23, 37, 4
+    weight = torch.randn(out_f, in_f, generator=gen).to(dtype) if with_weight else None
+    bias = torch.randn(out_f, generator=gen).to(dtype) if with_bias else None
+    mask = torch.rand(out_f, in_f, generator=gen) > 0.6
+    x0 = torch.randn(2, 5, in_f, generator=gen).to(dtype)
+    a0 = torch.randn(r, in_f, generator=gen).to(dtype)
+    b0 = torch.randn(out_f, r, generator=gen).to(dtype)
+    dy = torch.randn(2, 5, out_f, generator=gen).to(dtype)
+
+    def run(backend):
+        x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        y = on(backend, monkeypatch, ops.masked_lora_linear, x, weight, a, b, 0.5, mask, bias)
+        assert ops.last_backend("masked_lora_linear") == backend
+        y.backward(dy)
+        return y.detach(), x.grad, a.grad, b.grad
+
+    def exact():
+        x, a, b = (t.double().requires_grad_() for t in (x0, a0, b0))
+        w = (0.0 if weight is None else weight.double()) + 0.5 * b @ a
+        y = torch.nn.functional.linear(x, w.masked_fill(~mask, 0), None if bias is None else bias.double())
+        y.backward(dy.double())
+        return y.detach(), x.grad, a.grad, b.grad
+
+    for got, ref, want in zip(run("cpp"), run("reference"), exact()):
+        err, ref_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
+        assert err <= 2 * ref_err + 1e-5 * want.abs().max(), (err, ref_err)
+
+
+def _child_selects(queue):
+    torch.set_num_threads(1)  # torch's own OpenMP pool cannot run in a forked child
+    n = 200_000
+    score = torch.randn(n)
+    out = torch.empty(n, dtype=torch.bool)
+    cpp._C.select_masks([score.data_ptr()], [n], [0], 1000, True, [out.data_ptr()], 0, 2)  # 2 worker threads
+    queue.put(int(n - out.numpy().sum()))
+
+
+def test_kernels_work_in_a_forked_child():
+    ops.select_prune_mask([torch.randn(200_000)], 10, absolute=True)  # threads used in the parent
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_selects, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 1000
