@@ -115,6 +115,27 @@ inline float key_to_float(uint32_t key, bool absolute) {
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
+// Hot loops are compiled twice, for AVX2+FMA (Haswell and later) and for the baseline,
+// and the right one is picked when the module loads: fast without -march=native.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SPARSELORA_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define SPARSELORA_MULTIVERSION
+#endif
+
+// Converts n elements of `dtype` at data[begin...] to fp32 bit patterns.
+inline void to_float_bits(const void* data, int dtype, int64_t begin, int64_t n, uint32_t* bits) {
+  if (dtype == kFloat32) {
+    std::memcpy(bits, static_cast<const uint32_t*>(data) + begin, static_cast<size_t>(n) * 4);
+  } else if (dtype == kBFloat16) {
+    const uint16_t* src = static_cast<const uint16_t*>(data) + begin;
+    for (int64_t i = 0; i < n; ++i) bits[i] = bf16_to_float_bits(src[i]);
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(data) + begin;
+    for (int64_t i = 0; i < n; ++i) bits[i] = half_to_float_bits(src[i]);
+  }
+}
+
 inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 inline void check_dtype(int dtype) {

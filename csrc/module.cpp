@@ -8,6 +8,7 @@
 #include "masks.h"
 #include "merge.h"
 #include "select.h"
+#include "simd.h"
 
 namespace py = pybind11;
 using namespace sparselora;
@@ -34,6 +35,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sparselora compiled kernels (CPU, multi-threaded, no libtorch)";
   m.attr("BOOL_BYTES") = static_cast<int>(kBoolBytes);
   m.attr("PACKED_BITS") = static_cast<int>(kPackedBits);
+
+  m.def("simd_enabled", &simd_enabled, "whether the AVX2/FMA kernels are in use");
+  m.def("set_simd", &set_simd, "use the AVX2/FMA kernels when the CPU has them (True) or the portable ones",
+        py::arg("on"));
 
   m.def(
       "find_cut",

@@ -1,0 +1,214 @@
+"""Kernel benchmarks, measured side by side in one run, printed as a ratio table.
+
+    python benchmarks/kernels.py                  # full sizes (~100M weights), ~1 min
+    python benchmarks/kernels.py --quick          # small sizes, seconds
+    python benchmarks/kernels.py --json out.json  # also write the numbers
+
+Every case runs in its own subprocess so that its peak RSS is its own; "extra memory" is
+the peak RSS during the operation minus the RSS with the inputs already in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+LAYERS, SIDE = 6, 4096  # 6 Linear(4096, 4096): 100.7M fp32 weights
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(fn, repeat: int) -> tuple[float, int]:
+    """(median wall time of ``repeat`` runs, extra peak RSS of the first run).
+
+    The first run is also the warm-up; memory is read from it alone, before the
+    allocator's reuse of freed buffers blurs the picture.
+    """
+    before = rss_bytes()
+    fn()
+    extra = peak_rss_bytes() - before
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), extra
+
+
+def model(layers: int, side: int) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return torch.nn.Sequential(*(torch.nn.Linear(side, side, bias=False) for _ in range(layers)))
+
+
+# --- cases: each returns {"seconds": ..., "extra_bytes": ...} measured in this process ---
+
+
+def case_mask(method: str, layers: int, side: int, repeat: int) -> dict:
+    net = model(layers, side)
+    weights = [m.weight for m in net]
+    if method == "sparselora":
+        from sparselora.pruning.mask_generator import compute_unstructured_mask
+
+        run = lambda: compute_unstructured_mask(net, 0.5, global_pruning=True, progress=False)  # noqa: E731
+    elif method == "torch_sum":
+        run = lambda: sum(float(w.detach().sum()) for w in weights)  # noqa: E731
+    elif method == "kthvalue":
+
+        def run():
+            flat = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+            k = round(0.5 * flat.numel())
+            threshold = torch.kthvalue(flat, k).values
+            return [w.detach().abs() > threshold for w in weights]
+
+    elif method == "global_unstructured":
+        import torch.nn.utils.prune as prune
+
+        def run():
+            params = [(m, "weight") for m in net]
+            prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.5)
+            masks = [m.weight_mask.bool() for m in net]
+            for m in net:
+                prune.remove(m, "weight")
+            return masks
+
+    else:
+        raise ValueError(method)
+    seconds, extra = timed(run, repeat)
+    return {"seconds": seconds, "extra_bytes": extra, "weight_bytes": sum(w.numel() * 4 for w in weights)}
+
+
+def case_merge(method: str, dtype_name: str, side: int, repeat: int) -> dict:
+    from sparselora import ops
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(side, side, generator=gen).to(dtype)
+    A = torch.randn(16, side, generator=gen).to(dtype)
+    B = torch.randn(side, 16, generator=gen).to(dtype)
+    M = torch.rand(side, side, generator=gen) > 0.5
+    if method == "sparselora":
+        run = lambda: ops.merge_lora_(W, A, B, 0.5, M)  # noqa: E731
+    else:
+        run = lambda: W.addmm_(B, A, alpha=0.5).mul_(M)  # noqa: E731
+    seconds, extra = timed(run, repeat)
+    return {"seconds": seconds, "extra_bytes": extra}
+
+
+def case_train_step(method: str, side: int, tokens: int, repeat: int) -> dict:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*(torch.nn.Linear(side, side) for _ in range(4)))
+    x = torch.randn(tokens, side)
+    if method == "dense_lora":
+        import peft
+
+        net = peft.get_peft_model(net, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["0", "1", "2", "3"]))
+    else:
+        from sparselora.pruning.mask_generator import compute_unstructured_mask
+        from sparselora.pruning.sparse_lora import SparseLoRAConfig, apply_sparse_lora
+
+        masks = compute_unstructured_mask(net, 0.5, progress=False)
+        net = apply_sparse_lora(net, masks, SparseLoRAConfig(r=16, alpha=32, dropout=0.0, sparsity_mode="sparse_to_sparse"))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = net(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    seconds, extra = timed(step, repeat)
+    return {"seconds": seconds, "extra_bytes": extra}
+
+
+def child(argv: list[str]) -> None:
+    kind, *args = argv
+    fn = {"mask": case_mask, "merge": case_merge, "train": case_train_step}[kind]
+    converted = [int(a) if a.isdigit() else a for a in args]
+    print(json.dumps(fn(*converted)))
+
+
+def measure(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--skip-global-unstructured", action="store_true", help="skip the slow torch.prune baseline")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    from sparselora.ops import cpp
+
+    layers, side = (2, 1024) if args.quick else (LAYERS, SIDE)
+    merge_side = 1024 if args.quick else 4096
+    repeat = 5
+    results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpp_backend": cpp.available()}}
+    gb = lambda b: b / 1e9  # noqa: E731
+
+    mask = {m: measure("mask", m, layers, side, repeat) for m in ("sparselora", "torch_sum", "kthvalue")}
+    if not args.skip_global_unstructured:
+        mask["global_unstructured"] = measure("mask", "global_unstructured", layers, side, 1)
+    results["global_mask"] = mask
+    weight_bytes = mask["sparselora"]["weight_bytes"]
+    mask_bytes = weight_bytes // 4
+    ours = mask["sparselora"]
+    print(f"\nglobal 50% magnitude mask, {layers} x Linear({side}, {side}) fp32 = {weight_bytes / 4 / 1e6:.1f}M weights")
+    print(f"{'method':<24}{'time':>10}{'extra peak RSS':>18}{'sparselora speed-up':>22}")
+    for name, r in mask.items():
+        print(f"{name:<24}{r['seconds'] * 1e3:>8.1f}ms{gb(r['extra_bytes']):>15.2f} GB{r['seconds'] / ours['seconds']:>21.1f}x")
+    bandwidth = weight_bytes / ours["seconds"] / 1e9
+    read_bandwidth = weight_bytes / mask["torch_sum"]["seconds"] / 1e9
+    print(f"sparselora throughput {bandwidth:.1f} GB/s = {bandwidth / read_bandwidth:.0%} of one read of the weights "
+          f"({read_bandwidth:.1f} GB/s); extra memory {ours['extra_bytes'] / mask_bytes:.2f}x the bool mask ({gb(mask_bytes):.2f} GB)")
+    results["global_mask_summary"] = {
+        "bandwidth_fraction_of_read": bandwidth / read_bandwidth,
+        "extra_memory_over_mask": ours["extra_bytes"] / mask_bytes,
+        **({"speedup_vs_global_unstructured": mask["global_unstructured"]["seconds"] / ours["seconds"]} if "global_unstructured" in mask else {}),
+        "speedup_vs_kthvalue": mask["kthvalue"]["seconds"] / ours["seconds"],
+    }
+
+    print(f"\nmerge-with-mask {merge_side}x{merge_side}, r=16 (baseline: W.addmm_(B, A, alpha=s).mul_(M))")
+    print(f"{'dtype':<10}{'sparselora':>12}{'baseline':>12}{'speed-up':>10}{'extra RSS ours / baseline':>30}")
+    results["merge"] = {}
+    for dtype in ("float32", "bfloat16"):
+        o, b = measure("merge", "sparselora", dtype, merge_side, repeat), measure("merge", "baseline", dtype, merge_side, repeat)
+        results["merge"][dtype] = {"sparselora": o, "baseline": b, "speedup": b["seconds"] / o["seconds"]}
+        print(f"{dtype:<10}{o['seconds'] * 1e3:>10.1f}ms{b['seconds'] * 1e3:>10.1f}ms{b['seconds'] / o['seconds']:>9.1f}x"
+              f"{gb(o['extra_bytes']) * 1e3:>17.0f} MB / {gb(b['extra_bytes']) * 1e3:.0f} MB")
+
+    tside, tokens = (512, 256) if args.quick else (2048, 1024)
+    s2s, dense = measure("train", "sparse_to_sparse", tside, tokens, repeat), measure("train", "dense_lora", tside, tokens, repeat)
+    ratio = s2s["seconds"] / dense["seconds"]
+    results["train_step"] = {"sparse_to_sparse": s2s, "dense_lora_peft": dense, "ratio": ratio}
+    print(f"\ntrain step, 4 x Linear({tside}, {tside}), {tokens} tokens, r=16: sparse_to_sparse "
+          f"{s2s['seconds'] * 1e3:.1f}ms vs PEFT dense LoRA {dense['seconds'] * 1e3:.1f}ms = {ratio:.2f}x its time")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
