@@ -63,17 +63,17 @@ def timed(fn, repeat: int) -> tuple[float, int]:
     return statistics.median(times), extra
 
 
-def model(layers: int, side: int) -> torch.nn.Sequential:
+def model(layers: int, side: int, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
     torch.manual_seed(0)
     with torch.no_grad():
-        return torch.nn.Sequential(*(torch.nn.Linear(side, side, bias=False) for _ in range(layers)))
+        return torch.nn.Sequential(*(torch.nn.Linear(side, side, bias=False, dtype=dtype) for _ in range(layers)))
 
 
 # --- cases: each returns {"seconds": ..., "extra_bytes": ...} measured in this process ---
 
 
-def case_mask(method: str, layers: int, side: int, repeat: int) -> dict:
-    net = model(layers, side)
+def case_mask(method: str, dtype_name: str, layers: int, side: int, repeat: int) -> dict:
+    net = model(layers, side, getattr(torch, dtype_name))
     weights = [m.weight for m in net]
     if method == "sparselora":
         from sparselora.pruning.mask_generator import compute_unstructured_mask
@@ -103,7 +103,8 @@ def case_mask(method: str, layers: int, side: int, repeat: int) -> dict:
     else:
         raise ValueError(method)
     seconds, extra = timed(run, repeat)
-    return {"seconds": seconds, "extra_bytes": extra, "weight_bytes": sum(w.numel() * 4 for w in weights)}
+    return {"seconds": seconds, "extra_bytes": extra, "weight_bytes": sum(w.numel() * w.element_size() for w in weights),
+            "numel": sum(w.numel() for w in weights)}
 
 
 def case_merge(method: str, dtype_name: str, side: int, repeat: int) -> dict:
@@ -117,8 +118,11 @@ def case_merge(method: str, dtype_name: str, side: int, repeat: int) -> dict:
     M = torch.rand(side, side, generator=gen) > 0.5
     if method == "sparselora":
         run = lambda: ops.merge_lora_(W, A, B, 0.5, M)  # noqa: E731
-    else:
+    elif method == "baseline":
         run = lambda: W.addmm_(B, A, alpha=0.5).mul_(M)  # noqa: E731
+    else:  # the same baseline with the mask kept as floats in W's dtype
+        F = M.to(dtype)
+        run = lambda: W.addmm_(B, A, alpha=0.5).mul_(F)  # noqa: E731
     seconds, extra = timed(run, repeat)
     return {"seconds": seconds, "extra_bytes": extra}
 
@@ -127,7 +131,7 @@ def case_train_step(method: str, side: int, tokens: int, repeat: int) -> dict:
     torch.manual_seed(0)
     net = torch.nn.Sequential(*(torch.nn.Linear(side, side) for _ in range(4)))
     x = torch.randn(tokens, side)
-    if method == "dense_lora":
+    if method == "peft_lora":
         import peft
 
         net = peft.get_peft_model(net, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["0", "1", "2", "3"]))
@@ -136,7 +140,7 @@ def case_train_step(method: str, side: int, tokens: int, repeat: int) -> dict:
         from sparselora.pruning.sparse_lora import SparseLoRAConfig, apply_sparse_lora
 
         masks = compute_unstructured_mask(net, 0.5, progress=False)
-        net = apply_sparse_lora(net, masks, SparseLoRAConfig(r=16, alpha=32, dropout=0.0, sparsity_mode="sparse_to_sparse"))
+        net = apply_sparse_lora(net, masks, SparseLoRAConfig(r=16, alpha=32, dropout=0.0, sparsity_mode=method))
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -179,43 +183,50 @@ def main() -> None:
     results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpp_backend": cpp.available()}}
     gb = lambda b: b / 1e9  # noqa: E731
 
-    mask = {m: measure("mask", m, layers, side, repeat) for m in ("sparselora", "torch_sum", "kthvalue")}
-    if not args.skip_global_unstructured:
-        mask["global_unstructured"] = measure("mask", "global_unstructured", layers, side, 1)
-    results["global_mask"] = mask
-    weight_bytes = mask["sparselora"]["weight_bytes"]
-    mask_bytes = weight_bytes // 4
-    ours = mask["sparselora"]
-    print(f"\nglobal 50% magnitude mask, {layers} x Linear({side}, {side}) fp32 = {weight_bytes / 4 / 1e6:.1f}M weights")
-    print(f"{'method':<24}{'time':>10}{'extra peak RSS':>18}{'sparselora speed-up':>22}")
-    for name, r in mask.items():
-        print(f"{name:<24}{r['seconds'] * 1e3:>8.1f}ms{gb(r['extra_bytes']):>15.2f} GB{r['seconds'] / ours['seconds']:>21.1f}x")
-    bandwidth = weight_bytes / ours["seconds"] / 1e9
-    read_bandwidth = weight_bytes / mask["torch_sum"]["seconds"] / 1e9
-    print(f"sparselora throughput {bandwidth:.1f} GB/s = {bandwidth / read_bandwidth:.0%} of one read of the weights "
-          f"({read_bandwidth:.1f} GB/s); extra memory {ours['extra_bytes'] / mask_bytes:.2f}x the bool mask ({gb(mask_bytes):.2f} GB)")
-    results["global_mask_summary"] = {
-        "bandwidth_fraction_of_read": bandwidth / read_bandwidth,
-        "extra_memory_over_mask": ours["extra_bytes"] / mask_bytes,
-        **({"speedup_vs_global_unstructured": mask["global_unstructured"]["seconds"] / ours["seconds"]} if "global_unstructured" in mask else {}),
-        "speedup_vs_kthvalue": mask["kthvalue"]["seconds"] / ours["seconds"],
-    }
+    results["global_mask"] = {}
+    for dtype in ("float32", "bfloat16"):
+        mask = {m: measure("mask", m, dtype, layers, side, repeat) for m in ("sparselora", "torch_sum", "kthvalue")}
+        if not args.skip_global_unstructured:
+            mask["global_unstructured"] = measure("mask", "global_unstructured", dtype, layers, side, 1)
+        ours = mask["sparselora"]
+        weight_bytes, mask_bytes = ours["weight_bytes"], ours["numel"]
+        print(f"\nglobal 50% magnitude mask, {layers} x Linear({side}, {side}) {dtype} = {ours['numel'] / 1e6:.1f}M weights")
+        print(f"{'method':<24}{'time':>10}{'extra peak RSS':>18}{'sparselora speed-up':>22}")
+        for name, r in mask.items():
+            print(f"{name:<24}{r['seconds'] * 1e3:>8.1f}ms{gb(r['extra_bytes']):>15.2f} GB{r['seconds'] / ours['seconds']:>21.1f}x")
+        bandwidth = weight_bytes / ours["seconds"] / 1e9
+        read_bandwidth = weight_bytes / mask["torch_sum"]["seconds"] / 1e9
+        print(f"sparselora reads the weights at {bandwidth:.1f} GB/s = {bandwidth / read_bandwidth:.0%} of one read "
+              f"({read_bandwidth:.1f} GB/s); extra memory {ours['extra_bytes'] / mask_bytes:.2f}x the bool mask ({gb(mask_bytes):.2f} GB)")
+        summary = {
+            "bandwidth_fraction_of_read": bandwidth / read_bandwidth,
+            "extra_memory_over_mask": ours["extra_bytes"] / mask_bytes,
+            "speedup_vs_kthvalue": mask["kthvalue"]["seconds"] / ours["seconds"],
+        }
+        if "global_unstructured" in mask:
+            summary["speedup_vs_global_unstructured"] = mask["global_unstructured"]["seconds"] / ours["seconds"]
+        results["global_mask"][dtype] = {"cases": mask, "summary": summary}
 
     print(f"\nmerge-with-mask {merge_side}x{merge_side}, r=16 (baseline: W.addmm_(B, A, alpha=s).mul_(M))")
-    print(f"{'dtype':<10}{'sparselora':>12}{'baseline':>12}{'speed-up':>10}{'extra RSS ours / baseline':>30}")
+    print(f"{'dtype':<10}{'sparselora':>12}{'bool mask':>12}{'speed-up':>10}{'float mask':>12}{'speed-up':>10}"
+          f"{'extra RSS ours / bool baseline':>34}")
     results["merge"] = {}
     for dtype in ("float32", "bfloat16"):
-        o, b = measure("merge", "sparselora", dtype, merge_side, repeat), measure("merge", "baseline", dtype, merge_side, repeat)
-        results["merge"][dtype] = {"sparselora": o, "baseline": b, "speedup": b["seconds"] / o["seconds"]}
+        o, b, f = (measure("merge", m, dtype, merge_side, repeat) for m in ("sparselora", "baseline", "float_mask"))
+        results["merge"][dtype] = {"sparselora": o, "baseline_bool_mask": b, "baseline_float_mask": f,
+                                   "speedup": b["seconds"] / o["seconds"], "speedup_float_mask": f["seconds"] / o["seconds"]}
         print(f"{dtype:<10}{o['seconds'] * 1e3:>10.1f}ms{b['seconds'] * 1e3:>10.1f}ms{b['seconds'] / o['seconds']:>9.1f}x"
-              f"{gb(o['extra_bytes']) * 1e3:>17.0f} MB / {gb(b['extra_bytes']) * 1e3:.0f} MB")
+              f"{f['seconds'] * 1e3:>10.1f}ms{f['seconds'] / o['seconds']:>9.1f}x"
+              f"{gb(o['extra_bytes']) * 1e3:>20.0f} MB / {gb(b['extra_bytes']) * 1e3:.0f} MB")
 
-    tside, tokens = (512, 256) if args.quick else (2048, 1024)
-    s2s, dense = measure("train", "sparse_to_sparse", tside, tokens, repeat), measure("train", "dense_lora", tside, tokens, repeat)
-    ratio = s2s["seconds"] / dense["seconds"]
-    results["train_step"] = {"sparse_to_sparse": s2s, "dense_lora_peft": dense, "ratio": ratio}
-    print(f"\ntrain step, 4 x Linear({tside}, {tside}), {tokens} tokens, r=16: sparse_to_sparse "
-          f"{s2s['seconds'] * 1e3:.1f}ms vs PEFT dense LoRA {dense['seconds'] * 1e3:.1f}ms = {ratio:.2f}x its time")
+    tside, tokens = (256, 256) if args.quick else (1024, 1024)
+    steps = {m: measure("train", m, tside, tokens, repeat) for m in ("sparse_to_sparse", "sparse_to_dense", "peft_lora")}
+    ratio = steps["sparse_to_sparse"]["seconds"] / steps["sparse_to_dense"]["seconds"]
+    results["train_step"] = {**steps, "ratio_vs_sparse_to_dense": ratio,
+                             "ratio_vs_peft": steps["sparse_to_sparse"]["seconds"] / steps["peft_lora"]["seconds"]}
+    print(f"\ntrain step, 4 x Linear({tside}, {tside}), {tokens} tokens, r=16, AdamW:")
+    for name, r in steps.items():
+        print(f"  {name:<18}{r['seconds'] * 1e3:>8.1f}ms{r['seconds'] / steps['sparse_to_dense']['seconds']:>8.2f}x")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from sparselora.demo import DemoSettings, run_demo
 from sparselora.pruning.mask_ops import load_mask
