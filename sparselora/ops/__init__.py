@@ -8,7 +8,8 @@ built, the pure-PyTorch reference otherwise). The pruning API calls only these.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import struct
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,6 +24,8 @@ __all__ = [
     "prune_threshold",
     "write_prune_mask",
     "select_prune_mask",
+    "key_histogram",
+    "streaming_threshold",
     "apply_mask_",
     "merge_lora_",
     "masked_lora_weight",
@@ -96,6 +99,51 @@ def select_prune_mask(
     if not (isinstance(k, int) and 0 <= k <= total):
         raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
     return resolve("select_prune_mask", scores, k, absolute)(scores, k, absolute)
+
+
+def key_histogram(score: torch.Tensor, *, absolute: bool = False, high: int = -1) -> torch.Tensor:
+    """65536-bin int64 histogram of the order-preserving 32-bit keys of ``score``.
+
+    ``high=-1`` counts the high 16 bits of every key; ``high=h`` counts the low 16 bits of
+    the keys whose high half is ``h``. Histograms of disjoint inputs add, so shards, files
+    and ranks combine by summation. Raises ValueError on NaN/inf scores.
+    """
+    _check_scores([score], "score")
+    if not (isinstance(high, int) and -1 <= high < 65536):
+        raise ValueError(f"high={high!r} must be -1 or a 16-bit bucket")
+    return resolve("key_histogram", score, absolute, high)(score, absolute, high)
+
+
+def _key_to_float(key: int, absolute: bool) -> float:
+    if not absolute:
+        key = key & 0x7FFFFFFF if key & 0x80000000 else (~key) & 0xFFFFFFFF
+    return struct.unpack("<f", struct.pack("<I", key))[0]
+
+
+def _locate(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin holding the rank-th smallest key (1-based), count of keys in earlier bins)."""
+    cumulative = torch.cumsum(counts, 0)
+    bin_index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=cumulative.dtype)).item())
+    return bin_index, int(cumulative[bin_index - 1]) if bin_index else 0
+
+
+def streaming_threshold(
+    histogram: Callable[[int], torch.Tensor], k: int, total: int, *, absolute: bool = False
+) -> PruneThreshold:
+    """Exact cut pruning ``k`` of ``total`` scores that are never all in memory.
+
+    ``histogram(high)`` must return the summed :func:`key_histogram` of every score of the
+    group (read tensor by tensor, file by file, or all-reduced across ranks); it is called
+    twice, so the scores are read twice.
+    """
+    if not (isinstance(k, int) and 0 <= k <= total):
+        raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
+    if k == 0:
+        histogram(-1)  # still reads every score: NaN/inf are rejected whatever k is
+        return PruneThreshold(float("-inf"), 0)
+    high, before = _locate(histogram(-1), k)
+    low, before_low = _locate(histogram(high), k - before)
+    return PruneThreshold(_key_to_float((high << 16) | low, absolute), k - before - before_low)
 
 
 def _check_mask_for(weight: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> None:

@@ -89,6 +89,14 @@ def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> P
     return PruneThreshold(value, ties)
 
 
+@register("key_histogram", "cpp", priority=CPP_PRIORITY, check=lambda score, *a: _scores_reason([score]))
+def key_histogram(score: torch.Tensor, absolute: bool, high: int) -> torch.Tensor:
+    (flat,), (address,), (size,), (dtype,) = _layout(score)
+    counts = torch.empty(65536, dtype=torch.int64)
+    _raise_nonfinite(_C.key_histogram([address], [size], [dtype], absolute, high, counts.data_ptr(), _threads()))
+    return counts
+
+
 def _write_reason(score: torch.Tensor, *_args) -> str | None:
     return _IMPORT_ERROR if _C is None else _tensor_reason(score, "score")
 

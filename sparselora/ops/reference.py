@@ -130,3 +130,22 @@ def masked_lora_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return F.linear(x, masked_lora_weight(weight, lora_A, lora_B, scaling, mask), bias)
+
+
+def _order_keys(score: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """Order-preserving 32-bit keys (as int64) of ``score``'s fp32 values; -0 maps onto +0."""
+    bits = score.detach().float().reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if absolute:
+        return bits & 0x7FFFFFFF
+    flipped = torch.where(bits >= 0x80000000, (~bits) & 0xFFFFFFFF, bits | 0x80000000)
+    return torch.where((bits & 0x7FFFFFFF) == 0, torch.full_like(bits, 0x80000000), flipped)
+
+
+@register("key_histogram", "reference", priority=REFERENCE_PRIORITY)
+def key_histogram(score: torch.Tensor, absolute: bool, high: int) -> torch.Tensor:
+    if score.numel() and not bool(torch.isfinite(score).all()):
+        raise ValueError("scores contain NaN or inf values; scores must be finite")
+    keys = _order_keys(score.cpu(), absolute)
+    if high < 0:
+        return torch.bincount(keys >> 16, minlength=65536)
+    return torch.bincount(keys[(keys >> 16) == high] & 0xFFFF, minlength=65536)

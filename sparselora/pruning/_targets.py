@@ -15,6 +15,8 @@ __all__ = [
     "SparsitySpec",
     "model_targets",
     "state_dict_targets",
+    "described_targets",
+    "is_default_target",
     "filter_targets",
     "resolve_sparsity",
     "check_sparsity",
@@ -34,7 +36,7 @@ class Target:
 
     name: str
     module_name: str
-    weight: torch.Tensor
+    weight: torch.Tensor | None  # None when the target is only described (a file on disk)
     out_dim: int = 0  # dimension that indexes output channels / filters
 
 
@@ -83,16 +85,29 @@ def state_dict_targets(state_dict: Mapping[str, torch.Tensor]) -> list[Target]:
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state_dict[{name!r}] is {type(tensor).__name__}; expected a tensor")
-        lowered = name.lower()
-        if (
-            tensor.dim() >= 2
-            and tensor.is_floating_point()
-            and name.endswith("weight")
-            and not any(word in lowered for word in _DENSE_BY_NAME)
-        ):
-            module_name = name[: -len(".weight")] if name.endswith(".weight") else name
-            targets.append(Target(name, module_name, tensor, 0))
+        if is_default_target(name, tuple(tensor.shape), tensor.dtype):
+            targets.append(Target(name, _module_of(name), tensor, 0))
     return targets
+
+
+def _module_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def is_default_target(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a named tensor of a checkpoint is pruned by default."""
+    lowered = name.lower()
+    return (
+        len(shape) >= 2
+        and dtype.is_floating_point
+        and name.endswith("weight")
+        and not any(word in lowered for word in _DENSE_BY_NAME)
+    )
+
+
+def described_targets(names: list[str], shape_of, dtype_of) -> list[Target]:
+    """Default targets of a checkpoint known only by names, shapes and dtypes."""
+    return [Target(n, _module_of(n), None, 0) for n in names if is_default_target(n, shape_of(n), dtype_of(n))]
 
 
 def _matches(target: Target, pattern: str) -> bool:

@@ -1,0 +1,245 @@
+"""Masks for checkpoints larger than RAM, on one process or many.
+
+Tensors are read one at a time. With one global threshold, pass 1 sums a 65536-bin
+histogram of the high 16 bits of every |w| key, pass 2 the low-bit histogram inside the
+bucket holding the k-th key, which gives the exact cut; pass 3 writes each mask as soon
+as it is made. Memory stays at about one tensor plus its mask. Histograms add, so
+shards and ranks combine by summation (``torch.distributed.all_reduce``); every rank
+derives the same cut, ties are shared out in checkpoint order, and the masks equal the
+single-process ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ops
+from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity
+from .checkpoints import Checkpoint, StateDictSource, open_source
+from .packed_masks import PackedMaskWriter, write_mask_index
+
+__all__ = ["compute_checkpoint_masks", "stream_masks", "SCOPES"]
+
+SCOPES = ("global", "layer")
+PathLike = Union[str, os.PathLike]
+Globs = Union[str, Sequence[str], None]
+
+
+class _Ranks:
+    """This process's place among the ranks; one rank when not distributed."""
+
+    def __init__(self, distributed: bool) -> None:
+        self.distributed = distributed
+        if distributed:
+            import torch.distributed as dist
+
+            if not dist.is_available():
+                raise RuntimeError("torch.distributed is not available in this torch build")
+            if not dist.is_initialized():
+                if "RANK" not in os.environ:
+                    raise RuntimeError("distributed=True needs torchrun (RANK/WORLD_SIZE unset) or an initialised process group")
+                dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            self.dist = dist
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self.dist.barrier()
+
+    def assign(self, targets: list[Target], numel: Callable[[str], int]) -> list[Target]:
+        """This rank's targets."""
+        owners = _owners(targets, numel, self.world)
+        return [t for t, owner in zip(targets, owners) if owner == self.rank]
+
+
+def _owners(targets: list[Target], numel: Callable[[str], int], world: int) -> list[int]:
+    """Rank of each target: greedy by size in checkpoint order, the same on every rank."""
+    load = [0] * world
+    owners = []
+    for t in targets:
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += numel(t.name)
+        owners.append(owner)
+    return owners
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def stream_masks(
+    source,
+    sparsity: SparsitySpec,
+    write: Callable[[str, torch.Tensor], None],
+    *,
+    scope: str = "global",
+    include: Globs = None,
+    exclude: Globs = None,
+    progress: bool | None = None,
+    ranks: _Ranks | None = None,
+    targets: list[Target] | None = None,
+) -> dict[str, Any]:
+    """Magnitude masks of ``source``'s targets, handed to ``write(name, mask)`` one by one.
+
+    Returns a summary: targets, pruned counts and the cut.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is unknown; accepted: {', '.join(SCOPES)}")
+    ranks = ranks or _Ranks(False)
+    if targets is None:
+        targets = filter_targets(described_targets(source.names, source.shape, source.dtype), include, exclude)
+    if not targets:
+        raise ValueError("the checkpoint has no prunable weights (floating *weight tensors with >= 2 dims)")
+    sparsities = resolve_sparsity(sparsity, targets)
+    targets = [t for t in targets if t.name in sparsities]
+    numel = {t.name: _numel(source.shape(t.name)) for t in targets}
+    mine = ranks.assign(targets, numel.__getitem__)
+    bar = dict(unit="tensor", disable=None if progress is None else not progress)
+    pruned: dict[str, int] = {}
+
+    def emit(name: str, mask: torch.Tensor) -> None:
+        pruned[name] = int(mask.numel() - mask.sum())
+        write(name, mask)
+
+    threshold = None
+    if scope == "layer":
+        for t in tqdm(mine, desc="masks", **bar):
+            k = ops.prune_count(numel[t.name], sparsities[t.name])
+            emit(t.name, ops.select_prune_mask([source.read(t.name)], k, absolute=True)[0])
+    else:
+        values = set(sparsities.values())
+        if len(values) != 1:
+            raise ValueError("scope='global' needs one sparsity for every weight; got a per-layer mapping")
+        total = sum(numel.values())
+        k = ops.prune_count(total, values.pop())
+        passes = iter(("pass 1/3: histogram", "pass 2/3: histogram"))
+
+        def histogram(high: int) -> torch.Tensor:
+            counts = torch.zeros(65536, dtype=torch.int64)
+            for t in tqdm(mine, desc=next(passes, "histogram"), **bar):
+                counts += ops.key_histogram(source.read(t.name), absolute=True, high=high)
+            return ranks.sum(counts)
+
+        threshold = ops.streaming_threshold(histogram, k, total, absolute=True)
+        quota = _tie_quota(source, targets, mine, threshold, ranks, bar)
+        ties_left = threshold.ties
+        for t in tqdm(mine, desc="pass 3/3: masks", **bar):
+            allowed = ties_left if quota is None else quota[t.name]
+            mask, used = ops.write_prune_mask(source.read(t.name), threshold, allowed, absolute=True)
+            ties_left -= used
+            emit(t.name, mask)
+    counts = torch.tensor([pruned.get(t.name, 0) for t in targets], dtype=torch.int64)
+    ranks.sum(counts)
+    return {
+        "targets": [t.name for t in targets],
+        "written": [t.name for t in mine],
+        "numel": numel,
+        "pruned": dict(zip((t.name for t in targets), counts.tolist())),
+        "threshold": None if threshold is None else threshold.value,
+    }
+
+
+def _tie_quota(source, targets, mine, threshold, ranks: _Ranks, bar) -> dict[str, int] | None:
+    """How many scores equal to the cut each target prunes: the group's ties go to the
+    earliest targets in checkpoint order. None for one process, which walks every target
+    in order and hands the remaining ties along."""
+    if ranks.world == 1:
+        return None
+    names = [t.name for t in targets]
+    equal = torch.zeros(len(names), dtype=torch.int64)
+    if threshold.ties:
+        key = torch.tensor([threshold.value], dtype=torch.float32).view(torch.int32).item() & 0x7FFFFFFF
+        high, low = key >> 16, key & 0xFFFF
+        position = {n: i for i, n in enumerate(names)}
+        for t in tqdm(mine, desc="ties", **bar):
+            equal[position[t.name]] = ops.key_histogram(source.read(t.name), absolute=True, high=high)[low]
+        ranks.sum(equal)
+    quota, remaining = {}, threshold.ties
+    for i, name in enumerate(names):
+        quota[name] = min(int(equal[i]), remaining)
+        remaining -= quota[name]
+    return quota
+
+
+def compute_checkpoint_masks(
+    checkpoint: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint, StateDictSource],
+    sparsity: SparsitySpec,
+    output: PathLike,
+    *,
+    scope: str = "global",
+    include: Globs = None,
+    exclude: Globs = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    distributed: bool = False,
+) -> dict[str, Any]:
+    """Magnitude masks of a checkpoint, written as packed masks while they are made.
+
+    ``output`` ending in ``.safetensors`` is one file; otherwise it is a directory that gets
+    one shard per rank plus ``masks.safetensors.index.json`` (always so with
+    ``distributed=True``, under ``torchrun``). Nothing existing is replaced without
+    ``overwrite=True``. Returns a summary (targets, pruned counts, cut, seconds).
+    """
+    start = time.perf_counter()
+    source = open_source(checkpoint)
+    output = Path(output)
+    single_file = output.suffix == ".safetensors"
+    if distributed and single_file:
+        raise ValueError(f"output {str(output)!r}: with distributed=True the output is a directory (one shard per rank)")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(output.parent)!r} does not exist")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    ranks = _Ranks(distributed)
+    targets = filter_targets(described_targets(source.names, source.shape, source.dtype), include, exclude)
+    if not targets:
+        raise ValueError("the checkpoint has no prunable weights (floating *weight tensors with >= 2 dims)")
+    sparsities = resolve_sparsity(sparsity, targets)
+    targets = [t for t in targets if t.name in sparsities]
+    mine = ranks.assign(targets, lambda n: _numel(source.shape(n)))
+    meta = {
+        "sparsity": sparsity if not isinstance(sparsity, Mapping) else dict(sparsity),
+        "method": "unstructured",
+        "importance": "magnitude",
+        "scope": scope,
+        "source": str(getattr(source, "path", "state_dict")),
+        **dict(metadata or {}),
+    }
+    if single_file:
+        path = output
+    else:
+        if ranks.rank == 0:
+            output.mkdir(exist_ok=True)
+        ranks.barrier()
+        path = output / f"masks-{ranks.rank + 1:05d}-of-{ranks.world:05d}.safetensors"
+    with PackedMaskWriter(path, {t.name: source.shape(t.name) for t in mine}, meta) as writer:
+        summary = stream_masks(source, sparsity, writer.write, scope=scope, progress=progress, ranks=ranks, targets=targets)
+    if not single_file:
+        ranks.barrier()
+        if ranks.rank == 0:
+            owners = _owners(targets, lambda n: _numel(source.shape(n)), ranks.world)
+            weight_map = {t.name: f"masks-{r + 1:05d}-of-{ranks.world:05d}.safetensors" for t, r in zip(targets, owners)}
+            write_mask_index(output, weight_map, meta)
+        ranks.barrier()
+    total = sum(summary["numel"].values())
+    pruned = sum(summary["pruned"].values())
+    summary.update(output=str(output), total=total, total_pruned=pruned, sparsity=pruned / total if total else 0.0,
+                   seconds=time.perf_counter() - start, rank=ranks.rank, world=ranks.world)
+    return summary
