@@ -49,7 +49,113 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output-dir", type=Path, default=Path("sparselora-demo"),
                       help="where masks and the histogram go (default ./sparselora-demo)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    masks = commands.add_parser(
+        "masks", help="magnitude masks of a checkpoint on disk, one tensor at a time (packed safetensors)",
+        description="Compute exact magnitude pruning masks for a checkpoint (a .safetensors file, a directory "
+        "with a *.safetensors.index.json, or a .pt/.bin state dict) without loading it whole. Under torchrun, "
+        "--distributed splits the tensors across ranks and gives the same masks.",
+    )
+    masks.add_argument("checkpoint", type=Path)
+    masks.add_argument("--sparsity", type=_fraction, required=True, help="fraction of the target weights pruned")
+    masks.add_argument("--method", choices=["unstructured"], default="unstructured", help="pruning method (default unstructured)")
+    masks.add_argument("--metric", choices=["magnitude"], default="magnitude", help="importance metric (default magnitude)")
+    masks.add_argument("--scope", choices=["global", "layer"], default="global",
+                       help="one threshold for all weights (global, default) or the same fraction per weight (layer)")
+    masks.add_argument("--include", action="append", metavar="GLOB", help="only weights matching GLOB (repeatable)")
+    masks.add_argument("--exclude", action="append", metavar="GLOB", help="skip weights matching GLOB (repeatable)")
+    masks.add_argument("-o", "--output", type=Path, required=True,
+                       help="MASKS.safetensors (one file) or a directory (one shard per rank + index)")
+    masks.add_argument("--distributed", action="store_true", help="split the work across torchrun ranks")
+    _common(masks)
+
+    stats = commands.add_parser("stats", help="sparsity statistics of a mask file", description="Print global and per-layer sparsity of a mask file.")
+    stats.add_argument("masks", type=Path)
+    stats.add_argument("--plot", type=Path, metavar="PNG", help="also write a histogram of layer sparsity")
+    stats.add_argument("--per-layer", action="store_true", help="print every layer")
+    _common(stats, progress=False)
+
+    apply = commands.add_parser(
+        "apply", help="write a pruned copy of a checkpoint (zeros baked in)",
+        description="Copy a safetensors checkpoint (single file or shards with index) into OUT_DIR with the "
+        "pruned weights set to zero, keeping shard names, tensor order and dtypes.",
+    )
+    apply.add_argument("checkpoint", type=Path)
+    apply.add_argument("masks", type=Path)
+    apply.add_argument("-o", "--output-dir", type=Path, required=True)
+    _common(apply)
+
+    validate = commands.add_parser("validate", help="check that the weights a mask prunes are zero in a checkpoint",
+                                   description="Exit 0 when every pruned weight is zero (|w| <= --tolerance), 1 otherwise.")
+    validate.add_argument("checkpoint", type=Path)
+    validate.add_argument("masks", type=Path)
+    validate.add_argument("--tolerance", type=float, default=0.0, help="largest |w| counted as zero (default 0)")
+    _common(validate, overwrite=False)
     return parser
+
+
+def _common(parser: argparse.ArgumentParser, progress: bool = True, overwrite: bool = True) -> None:
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def _run_masks(args: argparse.Namespace) -> int:
+    from .pruning.streaming import compute_checkpoint_masks
+
+    summary = compute_checkpoint_masks(
+        args.checkpoint, args.sparsity, args.output, scope=args.scope, include=args.include, exclude=args.exclude,
+        overwrite=args.overwrite, progress=False if args.no_progress else None, distributed=args.distributed,
+    )
+    if summary["rank"] == 0:
+        print(f"{len(summary['targets'])} weights, {summary['total']:,} parameters: {summary['total_pruned']:,} pruned "
+              f"({summary['sparsity']:.4%}, scope {args.scope}) in {summary['seconds']:.1f} s on {summary['world']} "
+              f"process(es) -> {summary['output']}")
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from .pruning.mask_ops import compute_sparsity_stats, load_mask, plot_sparsity_histogram
+
+    masks, metadata = load_mask(args.masks)
+    stats = compute_sparsity_stats(masks)
+    g = stats["global"]
+    print(f"{args.masks}: {g['num_layers']} masks, {g['total_params']:,} parameters, {g['total_pruned']:,} pruned")
+    print(f"global sparsity {g['sparsity']:.4%}; per layer mean {g['mean_layer_sparsity']:.2%}, "
+          f"std {g['std_layer_sparsity']:.2%}, min {g['min_layer_sparsity']:.2%}, max {g['max_layer_sparsity']:.2%}")
+    if metadata:
+        print("metadata: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
+    if args.per_layer:
+        for name, layer in stats["per_layer"].items():
+            print(f"  {name}: {layer['sparsity']:.2%} of {layer['num_params']:,}")
+    if args.plot:
+        plot_sparsity_histogram(masks, save_path=args.plot)
+        print(f"histogram -> {args.plot}")
+    return 0
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    from .pruning.checkpoint_ops import apply_masks_to_checkpoint
+
+    summary = apply_masks_to_checkpoint(args.checkpoint, args.masks, args.output_dir, overwrite=args.overwrite,
+                                        progress=False if args.no_progress else None)
+    print(f"{summary['tensors']} tensors written, {summary['masked']} masked, {summary['pruned']:,} weights zeroed "
+          f"in {summary['seconds']:.1f} s -> {summary['output']}")
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from .pruning.checkpoint_ops import validate_checkpoint_masks
+
+    ok, report = validate_checkpoint_masks(args.checkpoint, args.masks, args.tolerance,
+                                           progress=False if args.no_progress else None)
+    g = report["global"]
+    print(f"{'valid' if ok else 'INVALID'}: {g['total_violations']:,} of {g['total_pruned']:,} pruned weights are "
+          f"non-zero ({g['violation_rate']:.4%}) in {g['num_layers']} tensors")
+    for name in g["layers_with_violations"][:20]:
+        print(f"  {name}: {report['per_layer'][name]['violations']:,} violations")
+    return 0 if ok else 1
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -70,10 +176,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparselora`` console script."""
     args = build_parser().parse_args(argv)
-    handlers = {"demo": _run_demo}
+    handlers = {"demo": _run_demo, "masks": _run_masks, "stats": _run_stats, "apply": _run_apply,
+                "validate": _run_validate}
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"sparselora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -273,6 +273,8 @@ def compute_masks_for_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Masks straight from a state dict, without building the model.
 
+    ``state_dict`` may also be a path: use
+    :func:`sparselora.pruning.streaming.compute_checkpoint_masks` for checkpoints on disk.
     Targets are floating ``*weight`` tensors with at least 2 dims whose names do not mark
     them as embeddings, norms or the LM head. Only data-free metrics apply here
     (``"magnitude"``; ``method="random"``).
@@ -282,6 +284,15 @@ def compute_masks_for_state_dict(
     targets = filter_targets(state_dict_targets(state_dict), include, exclude)
     if not targets:
         raise ValueError("state_dict has no prunable weights (floating *weight tensors with >= 2 dims)")
+    if method == "unstructured":
+        # the streaming engine of checkpoints larger than RAM, fed from memory
+        from .checkpoints import StateDictSource
+        from .streaming import stream_masks
+
+        masks: dict[str, torch.Tensor] = {}
+        stream_masks(StateDictSource(state_dict), sparsity, masks.__setitem__, targets=targets,
+                     scope="global" if global_pruning else "layer", progress=progress)
+        return masks
     sparsities = resolve_sparsity(sparsity, targets)
     scores = _random_scores(targets, seed) if method == "random" else None
     return masks_from_scores(

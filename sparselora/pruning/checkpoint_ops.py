@@ -1,0 +1,174 @@
+"""Masks meet checkpoints on disk: write pruned checkpoints, check pruned weights.
+
+Both read one tensor (and one mask) at a time, so they run on models larger than RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..utils.safetensors_stream import SafetensorsReader, SafetensorsWriter
+from .checkpoints import Checkpoint
+from .packed_masks import MASK_INDEX_NAME, PACKED_FORMAT, unpack
+
+__all__ = ["MaskFile", "apply_masks_to_checkpoint", "validate_checkpoint_masks"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class MaskFile:
+    """Masks read one at a time from a packed file or shards; other files load whole."""
+
+    def __init__(self, masks: Union[PathLike, Mapping[str, torch.Tensor]]) -> None:
+        self._readers: dict[str, tuple[SafetensorsReader, tuple[int, ...]]] = {}
+        self._masks: Mapping[str, torch.Tensor] = {}
+        if isinstance(masks, Mapping):
+            self._masks = masks
+            self.names = list(masks)
+            return
+        import json
+
+        from .mask_ops import load_mask
+
+        path = Path(masks)
+        files = []
+        if path.is_dir() or path.name.endswith(".index.json"):
+            index = path / MASK_INDEX_NAME if path.is_dir() else path
+            if not index.is_file():
+                raise FileNotFoundError(f"mask index {str(index)!r} does not exist")
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+        elif path.suffix == ".safetensors" and SafetensorsReader(path).metadata.get("format") == PACKED_FORMAT:
+            files = [path]
+        if not files:
+            self._masks, _ = load_mask(path)
+            self.names = list(self._masks)
+            return
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"mask shard {str(file)!r} does not exist")
+            reader = SafetensorsReader(file)
+            shapes = json.loads(reader.metadata["shapes"])
+            for name in reader.names:
+                self._readers[name] = (reader, tuple(shapes[name]))
+        self.names = list(self._readers)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._masks[name].shape) if name in self._masks else self._readers[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._masks:
+            from .mask_ops import as_bool_mask
+
+            return as_bool_mask(self._masks[name], f"mask {name!r}")
+        reader, shape = self._readers[name]
+        return unpack(reader.read(name), shape)
+
+
+def _check_match(checkpoint: Checkpoint, masks: MaskFile) -> None:
+    names = set(checkpoint.names)
+    unknown = [n for n in masks.names if n not in names]
+    if unknown:
+        raise ValueError(f"masks name tensors missing from the checkpoint: {unknown[:5]}")
+    wrong = [n for n in masks.names if tuple(masks.shape(n)) != tuple(checkpoint.shape(n))]
+    if wrong:
+        raise ValueError(f"mask shapes differ from the checkpoint's tensors: {wrong[:5]}")
+
+
+def apply_masks_to_checkpoint(
+    checkpoint: PathLike,
+    masks: Union[PathLike, Mapping[str, torch.Tensor]],
+    output_dir: PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Write a copy of ``checkpoint`` into ``output_dir`` with the pruned weights set to 0.
+
+    Shard files keep their names, tensor order and dtypes, and the index and the small
+    files beside the shards (config, tokenizer) are copied, so the result loads wherever
+    the original did (e.g. ``from_pretrained`` or ``cszoo checkpoint convert``). The
+    output is assembled in a temporary directory and appears only when complete.
+    """
+    start = time.perf_counter()
+    source = Checkpoint(checkpoint)
+    if not source.is_safetensors:
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: pruned checkpoints are written from safetensors checkpoints")
+    mask_file = MaskFile(masks)
+    _check_match(source, mask_file)
+    output = Path(output_dir)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output directory's parent {str(output.parent)!r} does not exist")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    masked = set(mask_file.names)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    pruned = 0
+    try:
+        bar = tqdm(total=len(source.names), desc="apply", unit="tensor", disable=None if progress is None else not progress)
+        for file, names in source.files.items():
+            reader = SafetensorsReader(file)
+            layout = [(n, reader.dtype(n), reader.shape(n)) for n in reader.names]
+            with SafetensorsWriter(staging / file.name, layout, reader.metadata) as writer:
+                for name in reader.names:
+                    tensor = reader.read(name)
+                    if name in masked:
+                        mask = mask_file.get(name)
+                        pruned += int(mask.numel() - mask.sum())
+                        ops.apply_mask_(tensor, mask)
+                    writer.write(name, tensor)
+                    bar.update(1)
+        bar.close()
+        folder = source.path if source.path.is_dir() else None
+        if folder is not None:
+            for extra in folder.iterdir():
+                if extra.is_file() and extra.suffix != ".safetensors":
+                    shutil.copy2(extra, staging / extra.name)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"output": str(output), "tensors": len(source.names), "masked": len(masked), "pruned": pruned,
+            "seconds": time.perf_counter() - start}
+
+
+def validate_checkpoint_masks(
+    checkpoint: PathLike,
+    masks: Union[PathLike, Mapping[str, torch.Tensor]],
+    tolerance: float = 0.0,
+    progress: bool | None = None,
+) -> tuple[bool, dict[str, Any]]:
+    """Check that every weight the masks prune is zero (``|w| <= tolerance``) on disk.
+
+    Returns ``(is_valid, report)`` shaped like ``validate_sparsity_preserved``'s.
+    """
+    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
+    source = Checkpoint(checkpoint)
+    mask_file = MaskFile(masks)
+    _check_match(source, mask_file)
+    per_layer: dict[str, dict[str, Any]] = {}
+    for name in tqdm(mask_file.names, desc="validate", unit="tensor", disable=None if progress is None else not progress):
+        mask = mask_file.get(name)
+        values = source.read(name)[~mask]
+        bad = int((~(values.float().abs() <= tolerance)).sum())
+        per_layer[name] = {"violations": bad, "num_pruned": int(values.numel()),
+                           "violation_rate": bad / values.numel() if values.numel() else 0.0}
+    total = sum(v["violations"] for v in per_layer.values())
+    pruned = sum(v["num_pruned"] for v in per_layer.values())
+    report = {"global": {"total_violations": total, "total_pruned": pruned,
+                         "violation_rate": total / pruned if pruned else 0.0, "num_layers": len(per_layer),
+                         "layers_with_violations": [n for n, v in per_layer.items() if v["violations"]]},
+              "per_layer": per_layer}
+    return total == 0, report
