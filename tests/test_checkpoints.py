@@ -1,0 +1,230 @@
+"""Masks for checkpoints on disk: streaming equals in-memory, packed files, pruned
+checkpoints, the CLI end to end, torch.distributed ranks, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparselora.pruning._targets import state_dict_targets
+from sparselora.pruning.checkpoint_ops import apply_masks_to_checkpoint, validate_checkpoint_masks
+from sparselora.pruning.checkpoints import Checkpoint
+from sparselora.pruning.mask_generator import masks_from_scores
+from sparselora.pruning.mask_ops import load_mask, save_mask
+from sparselora.pruning.streaming import compute_checkpoint_masks
+
+
+def make_sharded(tmp_path: Path, integer_valued: bool = False) -> Path:
+    """Three shards, mixed dtypes, an index, and non-weight tensors that stay dense."""
+    gen = torch.Generator().manual_seed(0)
+
+    def w(*shape, dtype=torch.float32):
+        t = torch.randint(-3, 4, shape, generator=gen).float() if integer_valued else torch.randn(shape, generator=gen)
+        return t.to(dtype)
+
+    shards = {
+        "model-00001-of-00003.safetensors": {"embed.weight": w(50, 16), "layers.0.q.weight": w(16, 16),
+                                             "layers.0.q.bias": w(16), "layers.0.up.weight": w(40, 16, dtype=torch.bfloat16)},
+        "model-00002-of-00003.safetensors": {"layers.1.q.weight": w(16, 16, dtype=torch.float16),
+                                             "layers.1.norm.weight": w(16), "layers.1.up.weight": w(40, 16)},
+        "model-00003-of-00003.safetensors": {"layers.1.down.weight": w(16, 40, dtype=torch.bfloat16), "lm_head.weight": w(50, 16)},
+    }
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    weight_map = {}
+    for file, tensors in shards.items():
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def in_memory(folder: Path, sparsity: float, global_pruning: bool) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    state = {n: ckpt.read(n) for n in ckpt.names}  # checkpoint order
+    targets = state_dict_targets(state)
+    return masks_from_scores(targets, {t.name: sparsity for t in targets}, None, global_pruning=global_pruning)
+
+
+@pytest.mark.parametrize("integer_valued", [False, True], ids=["tie-free", "tie-heavy"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_streaming_equals_in_memory(tmp_path, integer_valued, scope):
+    folder = make_sharded(tmp_path, integer_valued)
+    out = tmp_path / "masks.safetensors"
+    summary = compute_checkpoint_masks(folder, 0.6, out, scope=scope, progress=False)
+    expected = in_memory(folder, 0.6, scope == "global")
+    masks, metadata = load_mask(out)
+    assert list(masks) == list(expected)
+    assert set(masks) == {"layers.0.q.weight", "layers.0.up.weight", "layers.1.q.weight", "layers.1.up.weight", "layers.1.down.weight"}
+    for name in expected:
+        assert torch.equal(masks[name], expected[name]), name
+    assert metadata["sparsity"] == 0.6 and metadata["scope"] == scope and metadata["source"] == str(folder)
+    total = sum(m.numel() for m in masks.values())
+    if scope == "global":
+        assert summary["total_pruned"] == round(0.6 * total)
+
+
+def test_single_file_and_torch_state_dict_sources(tmp_path):
+    state = {"a.weight": torch.randn(30, 20), "b.weight": torch.randn(20, 10).half(), "norm.weight": torch.randn(20)}
+    save_file(state, tmp_path / "one.safetensors")
+    torch.save(state, tmp_path / "one.pt")
+    first = compute_checkpoint_masks(tmp_path / "one.safetensors", 0.3, tmp_path / "m1.safetensors", progress=False)
+    second = compute_checkpoint_masks(tmp_path / "one.pt", 0.3, tmp_path / "m2.safetensors", progress=False)
+    assert first["pruned"] == second["pruned"]
+    m1, _ = load_mask(tmp_path / "m1.safetensors")
+    m2, _ = load_mask(tmp_path / "m2.safetensors")
+    assert all(torch.equal(m1[n], m2[n]) for n in m1)
+
+
+def test_packed_round_trip_is_eight_times_smaller(tmp_path):
+    masks = {"x.weight": torch.rand(257, 129) > 0.5, "y.weight": torch.rand(7) > 0.5}
+    save_mask(masks, tmp_path / "bool.safetensors")
+    save_mask(masks, tmp_path / "packed.safetensors", metadata={"note": "p"}, packed=True)
+    loaded, meta = load_mask(tmp_path / "packed.safetensors")
+    assert meta == {"note": "p"} and all(torch.equal(loaded[n], masks[n]) for n in masks)
+    data = lambda p: p.stat().st_size - 8 - int.from_bytes(p.read_bytes()[:8], "little")  # noqa: E731
+    assert data(tmp_path / "packed.safetensors") == (257 * 129 + 7) // 8 + 1
+    assert data(tmp_path / "bool.safetensors") == 257 * 129 + 7
+    with pytest.raises(ValueError, match="packed=True needs format='safetensors'"):
+        save_mask(masks, tmp_path / "packed.pt", packed=True)
+
+
+def test_pruned_checkpoint_keeps_layout_and_zeros_pruned_weights(tmp_path):
+    folder = make_sharded(tmp_path)
+    masks_path = tmp_path / "masks.safetensors"
+    compute_checkpoint_masks(folder, 0.5, masks_path, progress=False)
+    assert not validate_checkpoint_masks(folder, masks_path)[0]
+    summary = apply_masks_to_checkpoint(folder, masks_path, tmp_path / "pruned", progress=False)
+    out = tmp_path / "pruned"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
+    ok, report = validate_checkpoint_masks(out, masks_path)
+    assert ok and report["global"]["total_pruned"] == summary["pruned"]
+    original, pruned = Checkpoint(folder), Checkpoint(out)
+    masks, _ = load_mask(masks_path)
+    assert pruned.names == original.names
+    for name in original.names:
+        a, b = original.read(name), pruned.read(name)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        want = a.masked_fill(~masks[name], 0) if name in masks else a
+        assert torch.equal(b, want), name
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "sparselora", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+
+
+def test_cli_end_to_end(tmp_path):
+    folder = make_sharded(tmp_path)
+    masks = tmp_path / "masks.safetensors"
+    made = run_cli("masks", folder, "--sparsity", "0.7", "--exclude", "*.down", "-o", masks, "--no-progress")
+    assert made.returncode == 0, made.stderr
+    assert f"1,792 parameters: {round(0.7 * 1792):,} pruned" in made.stdout
+    stats = run_cli("stats", masks, "--plot", tmp_path / "hist.png", "--per-layer")
+    assert stats.returncode == 0 and "layers.1.up.weight" in stats.stdout and (tmp_path / "hist.png").is_file()
+    assert run_cli("validate", folder, masks).returncode == 1
+    applied = run_cli("apply", folder, masks, "-o", tmp_path / "pruned", "--no-progress")
+    assert applied.returncode == 0, applied.stderr
+    valid = run_cli("validate", tmp_path / "pruned", masks, "--no-progress")
+    assert valid.returncode == 0 and valid.stdout.startswith("valid")
+    loaded, _ = load_mask(masks)
+    assert "layers.1.down.weight" not in loaded
+
+
+def test_distributed_ranks_equal_one_process(tmp_path):
+    folder = make_sharded(tmp_path, integer_valued=True)  # ties cross ranks
+    single = tmp_path / "single.safetensors"
+    compute_checkpoint_masks(folder, 0.55, single, progress=False)
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29533", "-m", "sparselora",
+         "masks", str(folder), "--sparsity", "0.55", "-o", str(out), "--distributed", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "masks-00001-of-00003.safetensors", "masks-00002-of-00003.safetensors", "masks-00003-of-00003.safetensors",
+        "masks.safetensors.index.json",
+    ]
+    expected, _ = load_mask(single)
+    got, metadata = load_mask(out)
+    assert list(got) == list(expected) and metadata["scope"] == "global"
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_missing_shard(tmp_path):
+    folder = make_sharded(tmp_path)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00003"):
+        Checkpoint(folder)
+
+
+def test_index_names_a_missing_tensor(tmp_path):
+    folder = make_sharded(tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["layers.9.ghost.weight"] = "model-00001-of-00003.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="layers.9.ghost.weight"):
+        Checkpoint(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated-header", "garbage-header", "truncated-data"])
+def test_corrupted_checkpoint(tmp_path, damage):
+    path = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.randn(64, 64)}, path)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated-header":
+        raw = raw[:20]
+    elif damage == "garbage-header":
+        raw[10:40] = b"\xff" * 30
+    else:
+        raw = raw[: len(raw) - 100]
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        compute_checkpoint_masks(path, 0.5, tmp_path / "m.safetensors", progress=False)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_output_directory_missing(tmp_path):
+    folder = make_sharded(tmp_path)
+    proc = run_cli("masks", folder, "--sparsity", "0.5", "-o", tmp_path / "nope" / "m.safetensors")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_existing_output_is_left_untouched_without_overwrite(tmp_path):
+    folder = make_sharded(tmp_path)
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    proc = run_cli("masks", folder, "--sparsity", "0.5", "-o", out)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert out.read_bytes() == b"precious"
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "keep.txt").write_text("keep")
+    good_masks = tmp_path / "g.safetensors"
+    compute_checkpoint_masks(folder, 0.5, good_masks, progress=False)
+    assert run_cli("apply", folder, good_masks, "-o", pruned).returncode == 2
+    assert (pruned / "keep.txt").read_text() == "keep"
+    assert run_cli("masks", folder, "--sparsity", "0.5", "-o", out, "--overwrite", "--no-progress").returncode == 0
+    assert load_mask(out)[0]
+
+
+def test_masks_that_do_not_fit_the_checkpoint(tmp_path):
+    folder = make_sharded(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    save_mask({"layers.0.q.weight": torch.ones(3, 3, dtype=torch.bool)}, bad, packed=True)
+    with pytest.raises(ValueError, match="shapes differ"):
+        apply_masks_to_checkpoint(folder, bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
