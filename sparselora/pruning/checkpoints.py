@@ -38,13 +38,16 @@ class StateDictSource:
         self.names = list(state_dict)
         self.files: dict[Path, list[str]] = {}
 
+    def scratch(self) -> None:
+        return None
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self._tensors[name].detach()
 
 
@@ -138,10 +141,16 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._state[name].dtype if self._state is not None else self._readers[name].dtype(name)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name``; with ``scratch`` (see ``SafetensorsReader.read``) a view into it."""
         if self._state is not None:
             return self._state[name].detach().clone()  # off the mmap: resident only while used
-        return self._readers[name].read(name)
+        return self._readers[name].read(name, scratch)
+
+    def scratch(self) -> torch.Tensor:
+        """A reusable read buffer as large as the largest tensor."""
+        largest = max((r.entries[n][3] - r.entries[n][2] for n, r in self._readers.items()), default=0)
+        return torch.empty(largest, dtype=torch.uint8)
 
     @property
     def is_safetensors(self) -> bool:

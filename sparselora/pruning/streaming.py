@@ -113,15 +113,20 @@ def stream_masks(
     bar = dict(unit="tensor", disable=None if progress is None else not progress)
     pruned: dict[str, int] = {}
 
+    scratch = source.scratch()  # one read buffer for every tensor of a pass
+
+    def read(name: str) -> torch.Tensor:
+        return source.read(name, scratch)
+
     def emit(name: str, mask: torch.Tensor) -> None:
-        pruned[name] = int(mask.numel() - mask.sum())
+        pruned[name] = int(mask.numel() - torch.count_nonzero(mask))
         write(name, mask)
 
     threshold = None
     if scope == "layer":
         for t in tqdm(mine, desc="masks", **bar):
             k = ops.prune_count(numel[t.name], sparsities[t.name])
-            emit(t.name, ops.select_prune_mask([source.read(t.name)], k, absolute=True)[0])
+            emit(t.name, ops.select_prune_mask([read(t.name)], k, absolute=True)[0])
     else:
         values = set(sparsities.values())
         if len(values) != 1:
@@ -133,15 +138,15 @@ def stream_masks(
         def histogram(high: int) -> torch.Tensor:
             counts = torch.zeros(65536, dtype=torch.int64)
             for t in tqdm(mine, desc=next(passes, "histogram"), **bar):
-                counts += ops.key_histogram(source.read(t.name), absolute=True, high=high)
+                counts += ops.key_histogram(read(t.name), absolute=True, high=high)
             return ranks.sum(counts)
 
         threshold = ops.streaming_threshold(histogram, k, total, absolute=True)
-        quota = _tie_quota(source, targets, mine, threshold, ranks, bar)
+        quota = _tie_quota(read, targets, mine, threshold, ranks, bar)
         ties_left = threshold.ties
         for t in tqdm(mine, desc="pass 3/3: masks", **bar):
             allowed = ties_left if quota is None else quota[t.name]
-            mask, used = ops.write_prune_mask(source.read(t.name), threshold, allowed, absolute=True)
+            mask, used = ops.write_prune_mask(read(t.name), threshold, allowed, absolute=True)
             ties_left -= used
             emit(t.name, mask)
     counts = torch.tensor([pruned.get(t.name, 0) for t in targets], dtype=torch.int64)
@@ -155,7 +160,7 @@ def stream_masks(
     }
 
 
-def _tie_quota(source, targets, mine, threshold, ranks: _Ranks, bar) -> dict[str, int] | None:
+def _tie_quota(read, targets, mine, threshold, ranks: _Ranks, bar) -> dict[str, int] | None:
     """How many scores equal to the cut each target prunes: the group's ties go to the
     earliest targets in checkpoint order. None for one process, which walks every target
     in order and hands the remaining ties along."""
@@ -168,7 +173,7 @@ def _tie_quota(source, targets, mine, threshold, ranks: _Ranks, bar) -> dict[str
         high, low = key >> 16, key & 0xFFFF
         position = {n: i for i, n in enumerate(names)}
         for t in tqdm(mine, desc="ties", **bar):
-            equal[position[t.name]] = ops.key_histogram(source.read(t.name), absolute=True, high=high)[low]
+            equal[position[t.name]] = ops.key_histogram(read(t.name), absolute=True, high=high)[low]
         ranks.sum(equal)
     quota, remaining = {}, threshold.ties
     for i, name in enumerate(names):

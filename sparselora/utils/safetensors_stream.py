@@ -80,17 +80,29 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read into a new CPU tensor."""
+    def read(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` as a CPU tensor.
+
+        With ``scratch`` (a uint8 tensor, grown as needed) the bytes land in it and the
+        result is a view valid until the next read into the same scratch: one buffer for
+        a whole pass instead of a fresh allocation (and its page faults) per tensor.
+        """
         dtype, shape, begin, end = self.entries[name]
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as handle:
+        nbytes = end - begin
+        if scratch is not None and scratch.numel() >= nbytes:
+            buffer = scratch[:nbytes]
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as handle:
             handle.seek(self._data_start + begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise ValueError(f"{str(self.path)!r} {CORRUPT}: truncated inside tensor {name!r}")
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < nbytes:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{str(self.path)!r} {CORRUPT}: truncated inside tensor {name!r}")
+                done += got
+        return buffer.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
