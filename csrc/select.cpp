@@ -194,34 +194,80 @@ void key_histogram(const std::vector<Buffer>& tensors, bool absolute, int64_t hi
   count_total(tensors);
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(kBins, 0));
-  std::vector<int64_t> bad(threads, 0);
-  parallel_for(n_chunks, threads, [&](int64_t c, int w) {
+  // Per worker: 4 interleaved uint32 sub-histograms (runs of equal keys do not stall on one
+  // counter), folded into int64 totals before any can overflow.
+  constexpr int kWays = 4;
+  struct Worker {
+    std::vector<uint32_t> sub;
+    std::vector<int64_t> total;
+    int64_t pending = 0;
+    int64_t nonfinite = 0;
+  };
+  std::vector<Worker> workers(threads);
+  auto fold = [](Worker& w) {
+    if (w.total.empty()) w.total.assign(kBins, 0);
+    for (int64_t b = 0; b < kBins; ++b) {
+      int64_t sum = 0;
+      for (int way = 0; way < kWays; ++way) {
+        sum += w.sub[way * kBins + b];
+        w.sub[way * kBins + b] = 0;
+      }
+      w.total[b] += sum;
+    }
+    w.pending = 0;
+  };
+  parallel_for(n_chunks, threads, [&](int64_t c, int wi) {
+    Worker& w = workers[wi];
+    if (w.sub.empty()) w.sub.assign(kWays * kBins, 0);
+    if (w.pending > (int64_t(1) << 31)) fold(w);
     const Chunk& ch = chunks[c];
     const Buffer& t = tensors[ch.tensor];
-    int64_t* h = local[w].data();
-    bad[w] += dispatch_dtype(t.dtype, [&](auto tag) {
-      constexpr int D = decltype(tag)::value;
+    alignas(64) uint32_t converted[4096];
+    uint32_t* h = w.sub.data();
+    const uint32_t want = static_cast<uint32_t>(high);
+    if (t.dtype == kBFloat16 && absolute && high < 0) {
+      // |bf16|: the key's high half is the bf16 pattern without its sign, no conversion
+      const uint16_t* src = static_cast<const uint16_t*>(t.data);
       int64_t nf = 0;
       for (int64_t i = ch.begin; i < ch.end; ++i) {
-        const uint32_t u = load_bits<D>(t.data, i);
+        const uint32_t b = src[i] & 0x7fffu;
+        nf += b >= 0x7f80u;
+        ++h[(i & (kWays - 1)) * kBins + b];
+      }
+      w.nonfinite += nf;
+      w.pending += ch.end - ch.begin;
+      return;
+    }
+    for (int64_t begin = ch.begin; begin < ch.end; begin += 4096) {
+      const int64_t n = std::min<int64_t>(4096, ch.end - begin);
+      const uint32_t* bits = converted;
+      if (t.dtype == kFloat32)
+        bits = static_cast<const uint32_t*>(t.data) + begin;
+      else
+        to_float_bits(t.data, t.dtype, begin, n, converted);
+      int64_t nf = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = bits[i];
         nf += is_nonfinite_bits(u);
         const uint32_t key = score_key(u, absolute);
+        uint32_t* way = h + (i & (kWays - 1)) * kBins;
         if (high < 0)
-          ++h[key >> 16];
-        else if ((key >> 16) == static_cast<uint32_t>(high))
-          ++h[key & 0xffffu];
+          ++way[key >> 16];
+        else if ((key >> 16) == want)
+          ++way[key & 0xffffu];
       }
-      return nf;
-    });
+      w.nonfinite += nf;
+    }
+    w.pending += ch.end - ch.begin;
   });
-  for (int64_t b = 0; b < kBins; ++b) {
-    int64_t sum = 0;
-    for (const auto& h : local) sum += h[b];
-    counts[b] = sum;
-  }
+  std::fill(counts, counts + kBins, int64_t(0));
   *nonfinite = 0;
-  for (int64_t v : bad) *nonfinite += v;
+  for (Worker& w : workers) {
+    if (w.sub.empty()) continue;
+    fold(w);
+    for (int64_t b = 0; b < kBins; ++b) counts[b] += w.total[b];
+    *nonfinite += w.nonfinite;
+  }
 }
 
 Cut find_cut(const std::vector<Buffer>& tensors, int64_t k, bool absolute, int threads) {

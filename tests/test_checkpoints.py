@@ -72,6 +72,17 @@ def test_streaming_equals_in_memory(tmp_path, integer_valued, scope):
         assert summary["total_pruned"] == round(0.6 * total)
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_bf16_only_checkpoint_equals_in_memory(tmp_path, scope):
+    gen = torch.Generator().manual_seed(4)
+    state = {f"l{i}.weight": torch.randn(33, 17, generator=gen).round(decimals=1).to(torch.bfloat16) for i in range(4)}
+    save_file(state, tmp_path / "bf16.safetensors")
+    compute_checkpoint_masks(tmp_path / "bf16.safetensors", 0.45, tmp_path / "m.safetensors", scope=scope, progress=False)
+    masks, _ = load_mask(tmp_path / "m.safetensors")
+    expected = in_memory(tmp_path / "bf16.safetensors", 0.45, scope == "global")
+    assert all(torch.equal(masks[n], expected[n]) for n in expected)
+
+
 def test_single_file_and_torch_state_dict_sources(tmp_path):
     state = {"a.weight": torch.randn(30, 20), "b.weight": torch.randn(20, 10).half(), "norm.weight": torch.randn(20)}
     save_file(state, tmp_path / "one.safetensors")

@@ -297,3 +297,19 @@ def test_portable_kernels_give_identical_results(dtype):
     (m1, w1), (m2, w2) = results
     assert all(torch.equal(a, b) for a, b in zip(m1, m2))
     assert torch.equal(w1, w2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("absolute", [True, False])
+def test_key_histogram_and_streaming_threshold_match_reference(monkeypatch, dtype, absolute):
+    gen = torch.Generator().manual_seed(10)
+    scores = [torch.randn(40_001, generator=gen).to(dtype), torch.randint(-2, 3, (999,), generator=gen).to(dtype)]
+    high = int(ops.reference._order_keys(scores[0][:1], absolute)[0]) >> 16
+    for h in (-1, high):
+        for s in scores:
+            ref, out = both(monkeypatch, "key_histogram", s, absolute=absolute, high=h)
+            assert torch.equal(ref, out)
+    total = sum(s.numel() for s in scores)
+    for k in (0, 1, 777, total // 2, total):
+        summed = lambda h: sum(ops.key_histogram(s, absolute=absolute, high=h) for s in scores)  # noqa: E731
+        assert ops.streaming_threshold(summed, k, total, absolute=absolute) == ops.prune_threshold(scores, k, absolute=absolute)

@@ -2,8 +2,8 @@
 
 Tensors are read one at a time. With one global threshold, pass 1 sums a 65536-bin
 histogram of the high 16 bits of every |w| key, pass 2 the low-bit histogram inside the
-bucket holding the k-th key, which gives the exact cut; pass 3 writes each mask as soon
-as it is made. Memory stays at about one tensor plus its mask. Histograms add, so
+bucket holding the k-th key, which gives the exact cut (bf16 checkpoints skip pass 2:
+their keys have no low half); the last pass writes each mask as soon as it is made. Memory stays at about one tensor plus its mask. Histograms add, so
 shards and ranks combine by summation (``torch.distributed.all_reduce``); every rank
 derives the same cut, ties are shared out in checkpoint order, and the masks equal the
 single-process ones bit for bit.
@@ -133,18 +133,28 @@ def stream_masks(
             raise ValueError("scope='global' needs one sparsity for every weight; got a per-layer mapping")
         total = sum(numel.values())
         k = ops.prune_count(total, values.pop())
-        passes = iter(("pass 1/3: histogram", "pass 2/3: histogram"))
+        # bf16 keys have a zero low half: the high-half bucket is the exact key, so the
+        # low-half pass is known without reading anything
+        bf16_only = all(source.dtype(t.name) == torch.bfloat16 for t in targets)
+        first: list[torch.Tensor] = []
 
         def histogram(high: int) -> torch.Tensor:
+            if high >= 0 and bf16_only:
+                counts = torch.zeros(65536, dtype=torch.int64)
+                counts[0] = first[0][high]
+                return counts
             counts = torch.zeros(65536, dtype=torch.int64)
-            for t in tqdm(mine, desc=next(passes, "histogram"), **bar):
+            desc = "pass 1: histogram" if high < 0 else "pass 2: histogram"
+            for t in tqdm(mine, desc=desc, **bar):
                 counts += ops.key_histogram(read(t.name), absolute=True, high=high)
-            return ranks.sum(counts)
+            counts = ranks.sum(counts)
+            first.append(counts)
+            return counts
 
         threshold = ops.streaming_threshold(histogram, k, total, absolute=True)
         quota = _tie_quota(read, targets, mine, threshold, ranks, bar)
         ties_left = threshold.ties
-        for t in tqdm(mine, desc="pass 3/3: masks", **bar):
+        for t in tqdm(mine, desc="last pass: masks", **bar):
             allowed = ties_left if quota is None else quota[t.name]
             mask, used = ops.write_prune_mask(read(t.name), threshold, allowed, absolute=True)
             ties_left -= used
