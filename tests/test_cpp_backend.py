@@ -313,3 +313,14 @@ def test_key_histogram_and_streaming_threshold_match_reference(monkeypatch, dtyp
     for k in (0, 1, 777, total // 2, total):
         summed = lambda h: sum(ops.key_histogram(s, absolute=absolute, high=h) for s in scores)  # noqa: E731
         assert ops.streaming_threshold(summed, k, total, absolute=absolute) == ops.prune_threshold(scores, k, absolute=absolute)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 1023, 70_001])
+def test_packed_mask_writer_matches_reference(monkeypatch, n):
+    score = torch.randint(-5, 6, (n,), generator=torch.Generator().manual_seed(n)).float()
+    for k in sorted({0, 1, n // 2, n}):
+        threshold = ops.prune_threshold([score], k, absolute=True)
+        ref, out = both(monkeypatch, "write_prune_mask", score, threshold, threshold.ties, absolute=True, packed=True)
+        assert ref[1] == out[1] and torch.equal(ref[0], out[0])
+        bools, _ = ops.write_prune_mask(score, threshold, threshold.ties, absolute=True)
+        assert torch.equal(out[0], cpp.pack_mask(bools))

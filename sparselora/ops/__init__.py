@@ -74,15 +74,17 @@ def prune_threshold(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = 
 
 
 def write_prune_mask(
-    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, *, absolute: bool = False
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, *, absolute: bool = False, packed: bool = False
 ) -> tuple[torch.Tensor, int]:
-    """Bool keep-mask of one tensor of a group cut at ``threshold``.
+    """Keep-mask of one tensor of a group cut at ``threshold``.
 
     ``ties_left`` is how many tied scores the group still has to prune; returns the mask
     and how many ties this tensor used, so a caller walks the group's tensors in order.
+    ``packed=True`` returns the mask as ``ceil(n/8)`` uint8 bytes, least significant bit
+    first (the packed mask file layout), without making the bool mask.
     """
-    return resolve("write_prune_mask", score, threshold, ties_left, absolute)(
-        score, threshold, ties_left, absolute
+    return resolve("write_prune_mask", score, threshold, ties_left, absolute, packed)(
+        score, threshold, ties_left, absolute, packed
     )
 
 

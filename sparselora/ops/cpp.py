@@ -103,13 +103,20 @@ def _write_reason(score: torch.Tensor, *_args) -> str | None:
 
 @register("write_prune_mask", "cpp", priority=CPP_PRIORITY, check=_write_reason)
 def write_prune_mask(
-    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool, packed: bool = False
 ) -> tuple[torch.Tensor, int]:
+    n = score.numel()
     if threshold.value == float("-inf"):  # nothing pruned in this group
+        if packed:
+            out = torch.full(((n + 7) // 8,), 0xFF, dtype=torch.uint8)
+            if n % 8:
+                out[-1] = (1 << (n % 8)) - 1
+            return out, 0
         return torch.ones(score.shape, dtype=torch.bool), 0
     (flat,), (address,), (size,), (dtype,) = _layout(score)
-    out = torch.empty(score.shape, dtype=torch.bool)
-    used = _C.write_mask(address, size, dtype, threshold.value, ties_left, absolute, out.data_ptr(), _C.BOOL_BYTES, _threads())
+    out = torch.empty(((n + 7) // 8,) if packed else score.shape, dtype=torch.uint8 if packed else torch.bool)
+    layout = _C.PACKED_BITS if packed else _C.BOOL_BYTES
+    used = _C.write_mask(address, size, dtype, threshold.value, ties_left, absolute, out.data_ptr(), layout, _threads())
     return out, used
 
 

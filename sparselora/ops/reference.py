@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +53,7 @@ def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> P
 
 @register("write_prune_mask", "reference", priority=REFERENCE_PRIORITY)
 def write_prune_mask(
-    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool, packed: bool = False
 ) -> tuple[torch.Tensor, int]:
     dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
     key = _keys(score.detach(), absolute, dtype)
@@ -64,7 +65,10 @@ def write_prune_mask(
         take = tied & (torch.cumsum(tied, 0) <= ties_left)
         used = int(take.sum())
         pruned |= take
-    return (~pruned).view(score.shape), used
+    keep = (~pruned).view(score.shape)
+    if packed:
+        keep = torch.from_numpy(np.packbits(keep.cpu().reshape(-1).numpy(), bitorder="little"))
+    return keep, used
 
 
 @register("select_prune_mask", "reference", priority=REFERENCE_PRIORITY)

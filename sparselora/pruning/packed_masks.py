@@ -29,6 +29,7 @@ __all__ = [
     "PACKED_FORMAT",
     "MASK_INDEX_NAME",
     "pack",
+    "count_kept",
     "unpack",
     "PackedMaskWriter",
     "is_packed_file",
@@ -40,6 +41,14 @@ PACKED_FORMAT = "sparselora-packed-masks"
 MASK_INDEX_NAME = "masks.safetensors.index.json"
 METADATA_KEY = "__sparselora_metadata__"
 PathLike = Union[str, os.PathLike]
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def count_kept(packed: torch.Tensor) -> int:
+    """Number of 1 bits (kept elements) of a packed mask."""
+    return int(_POPCOUNT[packed.numpy()].sum(dtype=np.int64))
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +90,10 @@ class PackedMaskWriter:
         if tuple(mask.shape) != self.shapes[name]:
             raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}; expected {self.shapes[name]}")
         self._writer.write(name, pack(mask))
+
+    def write_packed(self, name: str, packed: torch.Tensor) -> None:
+        """Write a mask already packed (``ceil(n/8)`` uint8 bytes, LSB first)."""
+        self._writer.write(name, packed)
 
     def __exit__(self, *exc) -> None:
         self._writer.__exit__(*exc)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity
 from .checkpoints import Checkpoint, StateDictSource, open_source
-from .packed_masks import PackedMaskWriter, write_mask_index
+from .packed_masks import PackedMaskWriter, count_kept, write_mask_index
 
 __all__ = ["compute_checkpoint_masks", "stream_masks", "SCOPES"]
 
@@ -87,6 +87,7 @@ def stream_masks(
     source,
     sparsity: SparsitySpec,
     write: Callable[[str, torch.Tensor], None],
+    write_packed: Callable[[str, torch.Tensor], None] | None = None,
     *,
     scope: str = "global",
     include: Globs = None,
@@ -95,7 +96,8 @@ def stream_masks(
     ranks: _Ranks | None = None,
     targets: list[Target] | None = None,
 ) -> dict[str, Any]:
-    """Magnitude masks of ``source``'s targets, handed to ``write(name, mask)`` one by one.
+    """Magnitude masks of ``source``'s targets, handed to ``write(name, mask)`` one by one
+    (or, when given, to ``write_packed(name, packed_bytes)``, which skips the bool mask).
 
     Returns a summary: targets, pruned counts and the cut.
     """
@@ -156,9 +158,13 @@ def stream_masks(
         ties_left = threshold.ties
         for t in tqdm(mine, desc="last pass: masks", **bar):
             allowed = ties_left if quota is None else quota[t.name]
-            mask, used = ops.write_prune_mask(read(t.name), threshold, allowed, absolute=True)
+            mask, used = ops.write_prune_mask(read(t.name), threshold, allowed, absolute=True, packed=write_packed is not None)
             ties_left -= used
-            emit(t.name, mask)
+            if write_packed is None:
+                emit(t.name, mask)
+            else:
+                pruned[t.name] = numel[t.name] - count_kept(mask)
+                write_packed(t.name, mask)
     counts = torch.tensor([pruned.get(t.name, 0) for t in targets], dtype=torch.int64)
     ranks.sum(counts)
     return {
@@ -245,7 +251,8 @@ def compute_checkpoint_masks(
         ranks.barrier()
         path = output / f"masks-{ranks.rank + 1:05d}-of-{ranks.world:05d}.safetensors"
     with PackedMaskWriter(path, {t.name: source.shape(t.name) for t in mine}, meta) as writer:
-        summary = stream_masks(source, sparsity, writer.write, scope=scope, progress=progress, ranks=ranks, targets=targets)
+        summary = stream_masks(source, sparsity, writer.write, writer.write_packed, scope=scope, progress=progress,
+                               ranks=ranks, targets=targets)
     if not single_file:
         ranks.barrier()
         if ranks.rank == 0:
