@@ -47,7 +47,6 @@ ChunkScan scan(const Buffer& t, const Chunk& c, bool absolute, uint32_t lo, uint
                std::vector<Candidate>* collect) {
   ChunkScan s;
   alignas(64) uint32_t converted[kBlock];
-  alignas(64) uint8_t keep_bytes[kBlock];
   uint32_t offsets[kBlock];
   for (int64_t begin = c.begin; begin < c.end; begin += kBlock) {
     const int64_t n = std::min(kBlock, c.end - begin);
@@ -57,17 +56,9 @@ ChunkScan scan(const Buffer& t, const Chunk& c, bool absolute, uint32_t lo, uint
     else
       to_float_bits(t.data, t.dtype, begin, n, converted);
     uint8_t* keep = nullptr;
-    if (out) keep = layout == kBoolBytes ? static_cast<uint8_t*>(out) + begin : keep_bytes;
-    const int64_t found = scan_bits(bits, n, absolute, lo, hi, keep, &s.below, &s.inside, &s.nonfinite,
-                                    collect ? offsets : nullptr);
-    if (out && layout == kPackedBits) {
-      uint8_t* packed = static_cast<uint8_t*>(out) + (begin >> 3);
-      for (int64_t j = 0; j < (n + 7) / 8; ++j) {
-        uint8_t byte = 0;
-        for (int64_t b = 0; b < 8 && 8 * j + b < n; ++b) byte |= static_cast<uint8_t>(keep_bytes[8 * j + b] << b);
-        packed[j] = byte;
-      }
-    }
+    if (out) keep = static_cast<uint8_t*>(out) + (layout == kBoolBytes ? begin : (begin >> 3));
+    const int64_t found = scan_bits(bits, n, absolute, lo, hi, keep, layout == kPackedBits, &s.below, &s.inside,
+                                    &s.nonfinite, collect ? offsets : nullptr);
     for (int64_t f = 0; f < found; ++f)
       collect->push_back({static_cast<uint32_t>(begin + offsets[f] - c.begin), score_key(bits[offsets[f]], absolute)});
   }
@@ -194,9 +185,10 @@ void key_histogram(const std::vector<Buffer>& tensors, bool absolute, int64_t hi
   count_total(tensors);
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  // Per worker: 4 interleaved uint32 sub-histograms (runs of equal keys do not stall on one
-  // counter), folded into int64 totals before any can overflow.
-  constexpr int kWays = 4;
+  // Per worker: uint32 counters (256 KiB, cache-resident), folded into int64 totals before
+  // any can overflow. kWays > 1 interleaves sub-histograms against runs of equal keys; on
+  // weight-like data one way measured fastest.
+  constexpr int kWays = 1;
   struct Worker {
     std::vector<uint32_t> sub;
     std::vector<int64_t> total;
@@ -293,9 +285,13 @@ int64_t write_mask(const Buffer& tensor, uint32_t cut_key, int64_t ties_left, bo
   const std::vector<Chunk> chunks = make_chunks(one, kChunk);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   std::vector<int64_t> tied(n_chunks, 0);
-  // pass 1: keep key > cut (ties pruned for now), count ties per chunk
+  // pass 1: keep key > cut (ties pruned for now), count ties per chunk and remember where
+  // they are unless a chunk is dense with them (then pass 2 rescans that chunk)
+  std::vector<std::vector<Candidate>> where(n_chunks);
+  constexpr size_t kRemember = kChunk / 8;
   parallel_for(n_chunks, threads, [&](int64_t c, int) {
-    tied[c] = scan(tensor, chunks[c], absolute, cut_key, cut_key, out, layout, nullptr).inside;
+    tied[c] = scan(tensor, chunks[c], absolute, cut_key, cut_key, out, layout, &where[c]).inside;
+    if (where[c].size() > kRemember) std::vector<Candidate>().swap(where[c]);
   });
   // the first `ties_left` tied keys in flat order stay pruned; later ones are kept
   std::vector<int64_t> quota(n_chunks, 0);
@@ -308,6 +304,15 @@ int64_t write_mask(const Buffer& tensor, uint32_t cut_key, int64_t ties_left, bo
   parallel_for(n_chunks, threads, [&](int64_t c, int) {
     if (tied[c] == quota[c]) return;
     int64_t skip = quota[c];
+    if (static_cast<int64_t>(where[c].size()) == tied[c]) {
+      for (const Candidate& t : where[c]) {
+        if (skip > 0)
+          --skip;
+        else
+          write_keep(out, layout, chunks[c].begin + t.offset, true);
+      }
+      return;
+    }
     dispatch_dtype(tensor.dtype, [&](auto tag) {
       constexpr int D = decltype(tag)::value;
       for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) {

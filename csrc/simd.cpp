@@ -24,7 +24,8 @@ std::atomic<bool> use_simd{cpu_has_avx2_fma()};
 // ---- portable versions ----
 
 int64_t scan_bits_scalar(const uint32_t* bits, int64_t n, bool absolute, uint32_t lo, uint32_t hi, uint8_t* keep,
-                         int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
+                         bool packed, int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
+  if (keep && packed) std::memset(keep, 0, static_cast<size_t>((n + 7) / 8));
   int64_t b = 0, in = 0, nf = 0, written = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t u = bits[i];
@@ -33,7 +34,10 @@ int64_t scan_bits_scalar(const uint32_t* bits, int64_t n, bool absolute, uint32_
     b += key < lo;
     const bool is_in = key >= lo && key <= hi;
     in += is_in;
-    if (keep) keep[i] = key > hi;
+    if (keep && packed)
+      keep[i >> 3] |= static_cast<uint8_t>((key > hi) << (i & 7));
+    else if (keep)
+      keep[i] = key > hi;
     if (found && is_in) found[written++] = static_cast<uint32_t>(i);
   }
   *below += b;
@@ -82,7 +86,7 @@ AVX2 inline __m256i gt_u32(__m256i a, __m256i b) {
 }
 
 AVX2 int64_t scan_bits_avx2(const uint32_t* bits, int64_t n, bool absolute, uint32_t lo, uint32_t hi, uint8_t* keep,
-                            int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
+                            bool packed, int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
   int64_t written = 0;
   const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo)), vhi = _mm256_set1_epi32(static_cast<int>(hi));
   const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
@@ -104,7 +108,9 @@ AVX2 int64_t scan_bits_avx2(const uint32_t* bits, int64_t n, bool absolute, uint
           found[written++] = static_cast<uint32_t>(i + __builtin_ctz(m));
       }
       cnf = _mm256_sub_epi32(cnf, _mm256_cmpeq_epi32(_mm256_and_si256(u, exp_mask), exp_mask));
-      if (keep) {
+      if (keep && packed) {
+        keep[i >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(gt_hi)));
+      } else if (keep) {
         const __m256i ones = _mm256_srli_epi32(gt_hi, 31);
         const __m256i w16 = _mm256_packus_epi32(ones, ones);
         const __m256i w8 = _mm256_packus_epi16(w16, w16);
@@ -124,7 +130,8 @@ AVX2 int64_t scan_bits_avx2(const uint32_t* bits, int64_t n, bool absolute, uint
       *nonfinite += lanes[2][l];
     }
   }
-  const int64_t tail = scan_bits_scalar(bits + i, n - i, absolute, lo, hi, keep ? keep + i : nullptr, below, inside,
+  uint8_t* keep_tail = keep ? (packed ? keep + (i >> 3) : keep + i) : nullptr;
+  const int64_t tail = scan_bits_scalar(bits + i, n - i, absolute, lo, hi, keep_tail, packed, below, inside,
                                         nonfinite, found ? found + written : nullptr);
   if (found)
     for (int64_t t = 0; t < tail; ++t) found[written + t] += static_cast<uint32_t>(i);
@@ -219,8 +226,8 @@ void set_simd(bool on) { use_simd = on && cpu_has_avx2_fma(); }
 #endif
 
 int64_t scan_bits(const uint32_t* bits, int64_t n, bool absolute, uint32_t lo, uint32_t hi, uint8_t* keep,
-                  int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
-  return SPARSELORA_PICK(scan_bits, bits, n, absolute, lo, hi, keep, below, inside, nonfinite, found);
+                  bool packed, int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
+  return SPARSELORA_PICK(scan_bits, bits, n, absolute, lo, hi, keep, packed, below, inside, nonfinite, found);
 }
 
 void delta_tile(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0, int64_t n_cols,

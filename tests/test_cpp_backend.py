@@ -290,6 +290,8 @@ def test_portable_kernels_give_identical_results(dtype):
         for simd in (True, False):
             cpp._C.set_simd(simd)
             masks = cpp.select_prune_mask(scores, 30_000, False)
+            threshold = cpp.prune_threshold(scores, 30_000, False)
+            masks.append(cpp.write_prune_mask(scores[0], threshold, threshold.ties, False, packed=True)[0])
             merged = cpp.merge_lora_(weight.clone(), lora_A, lora_B, 0.5, mask)
             results.append((masks, merged))
     finally:

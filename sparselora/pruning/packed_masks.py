@@ -48,7 +48,10 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 def count_kept(packed: torch.Tensor) -> int:
     """Number of 1 bits (kept elements) of a packed mask."""
-    return int(_POPCOUNT[packed.numpy()].sum(dtype=np.int64))
+    data = packed.numpy()
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return int(np.bitwise_count(data).sum(dtype=np.int64))
+    return int(_POPCOUNT[data].sum(dtype=np.int64))
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
