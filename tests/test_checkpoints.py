@@ -239,3 +239,21 @@ def test_masks_that_do_not_fit_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="shapes differ"):
         apply_masks_to_checkpoint(folder, bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_sharded_model_masks_across_ranks(tmp_path):
+    """Local shards on 3 ranks get one exact global threshold, ties in (rank, name) order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29534",
+         str(Path(__file__).parent / "sharded_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(3)]
+    flat = [t for shard in shards for t in shard.values()]
+    from sparselora import ops
+
+    expected = ops.select_prune_mask(flat, ops.prune_count(sum(t.numel() for t in flat), 0.55), absolute=True)
+    got = [m for r in range(3) for m in load_mask(tmp_path / f"rank{r}.safetensors")[0].values()]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

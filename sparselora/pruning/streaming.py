@@ -24,7 +24,7 @@ from ._targets import SparsitySpec, Target, described_targets, filter_targets, r
 from .checkpoints import Checkpoint, StateDictSource, open_source
 from .packed_masks import PackedMaskWriter, count_kept, write_mask_index
 
-__all__ = ["compute_checkpoint_masks", "stream_masks", "SCOPES"]
+__all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES"]
 
 SCOPES = ("global", "layer")
 PathLike = Union[str, os.PathLike]
@@ -265,3 +265,59 @@ def compute_checkpoint_masks(
     summary.update(output=str(output), total=total, total_pruned=pruned, sparsity=pruned / total if total else 0.0,
                    seconds=time.perf_counter() - start, rank=ranks.rank, world=ranks.world)
     return summary
+
+
+def compute_sharded_masks(
+    local_tensors: Mapping[str, torch.Tensor], sparsity: float, *, group=None
+) -> dict[str, torch.Tensor]:
+    """Global magnitude masks for a model whose parameters are sharded across ranks.
+
+    Each rank passes its local shards (``{name: tensor}``, e.g. FSDP flat-parameter pieces
+    or ``DTensor.to_local()``; DTensors are unwrapped) and gets the masks of those shards.
+    One exact threshold holds across all ranks: histograms and tie counts are summed with
+    ``torch.distributed.all_reduce``. Ties go to the earliest shards in (rank, name order).
+    Every rank must call this collectively, with the process group already initialised.
+    """
+    import torch.distributed as dist
+
+    from ._targets import check_sparsity
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("compute_sharded_masks needs an initialised torch.distributed process group")
+    sparsity = check_sparsity(sparsity)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local = {n: (t.to_local() if hasattr(t, "to_local") else t).detach() for n, t in local_tensors.items()}
+    names = list(local)
+
+    def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    total = int(all_sum(torch.tensor([sum(t.numel() for t in local.values())], dtype=torch.int64)).item())
+    k = ops.prune_count(total, sparsity)
+
+    def histogram(high: int) -> torch.Tensor:
+        counts = torch.zeros(65536, dtype=torch.int64)
+        for t in local.values():
+            counts += ops.key_histogram(t.cpu(), absolute=True, high=high)
+        return all_sum(counts)
+
+    threshold = ops.streaming_threshold(histogram, k, total, absolute=True)
+    counts = [0] * len(names)
+    max_names = int(all_sum(torch.tensor([len(names)], dtype=torch.int64)).item())  # room for every rank's list
+    equal = torch.zeros(world * max_names, dtype=torch.int64)
+    if threshold.ties:
+        key = torch.tensor([threshold.value], dtype=torch.float32).view(torch.int32).item() & 0x7FFFFFFF
+        for i, name in enumerate(names):
+            counts[i] = int(ops.key_histogram(local[name].cpu(), absolute=True, high=key >> 16)[key & 0xFFFF])
+            equal[rank * max_names + i] = counts[i]
+        all_sum(equal)
+    before = int(equal[: rank * max_names].sum())  # ties of earlier ranks come first
+    remaining = max(0, threshold.ties - before)
+    masks = {}
+    for i, name in enumerate(names):
+        quota = min(counts[i], remaining)
+        remaining -= quota
+        mask, _ = ops.write_prune_mask(local[name], threshold, quota, absolute=True)
+        masks[name] = mask
+    return masks
