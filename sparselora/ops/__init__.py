@@ -57,6 +57,15 @@ def _check_scores(scores: Sequence[torch.Tensor], name: str = "scores") -> None:
             )
 
 
+def _check_group(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    scores = list(scores)
+    _check_scores(scores)
+    total = sum(s.numel() for s in scores)
+    if isinstance(k, bool) or not (isinstance(k, int) and 0 <= k <= total):
+        raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
+    return scores
+
+
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False) -> PruneThreshold:
     """Exact cut of one comparison group made of ``scores`` so that exactly ``k`` are pruned.
 
@@ -65,11 +74,7 @@ def prune_threshold(scores: Sequence[torch.Tensor], k: int, *, absolute: bool = 
     With ``absolute=True`` the key of each element is its magnitude, read straight from
     the tensor (no |W| copy is needed by compiled backends).
     """
-    scores = list(scores)
-    _check_scores(scores)
-    total = sum(s.numel() for s in scores)
-    if not (isinstance(k, int) and 0 <= k <= total):
-        raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
+    scores = _check_group(scores, k)
     return resolve("prune_threshold", scores, k, absolute)(scores, k, absolute)
 
 
@@ -95,11 +100,7 @@ def select_prune_mask(
 
     Ties at the cut are pruned lowest flat index first, tensors in the order given.
     """
-    scores = list(scores)
-    _check_scores(scores)
-    total = sum(s.numel() for s in scores)
-    if not (isinstance(k, int) and 0 <= k <= total):
-        raise ValueError(f"k={k!r} must be an int in [0, {total}] (the group's size)")
+    scores = _check_group(scores, k)
     return resolve("select_prune_mask", scores, k, absolute)(scores, k, absolute)
 
 
