@@ -91,7 +91,39 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("masks", type=Path)
     validate.add_argument("--tolerance", type=float, default=0.0, help="largest |w| counted as zero (default 0)")
     _common(validate, overwrite=False)
+
+    cerebras = commands.add_parser(
+        "cerebras-config", help="a Cerebras ModelZoo 2.10 trainer config carrying masks (and sparse LoRA)",
+        description="Write a ModelZoo trainer YAML for BASE with the masks' sparsity: with --lora-r, the Lora "
+        "callback plus SparseMaskCallback (masks as zeros in the frozen weights); without, a static sparsity block "
+        "with init_method from_zeros. Run it with: python -m sparselora.cerebras fit OUT.yaml",
+    )
+    cerebras.add_argument("base", type=Path, help="base trainer config (YAML)")
+    cerebras.add_argument("--masks", type=Path, required=True, help="mask file (any format)")
+    cerebras.add_argument("--lora-r", type=int, help="LoRA rank; omit for sparse full fine-tuning")
+    cerebras.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    cerebras.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    cerebras.add_argument("--lora-target", action="append", metavar="NAME",
+                          help="module class (or q_proj/k_proj/v_proj/o_proj); default: every Linear")
+    cerebras.add_argument("--mode", choices=["sparse_to_dense", "sparse_to_sparse"], default="sparse_to_dense")
+    cerebras.add_argument("-o", "--output", type=Path, required=True)
+    _common(cerebras, progress=False)
     return parser
+
+
+def _run_cerebras_config(args: argparse.Namespace) -> int:
+    from .cerebras.config import create_sparse_config
+
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"output {str(args.output)!r} exists; pass --overwrite to replace it")
+    lora = None
+    if args.lora_r is not None:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
+        if args.lora_target:
+            lora["target_modules"] = args.lora_target
+    create_sparse_config(args.base, args.masks, lora, args.mode, output=args.output)
+    print(f"ModelZoo config -> {args.output}; run: python -m sparselora.cerebras fit {args.output}")
+    return 0
 
 
 def _common(parser: argparse.ArgumentParser, progress: bool = True, overwrite: bool = True) -> None:
@@ -177,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparselora`` console script."""
     args = build_parser().parse_args(argv)
     handlers = {"demo": _run_demo, "masks": _run_masks, "stats": _run_stats, "apply": _run_apply,
-                "validate": _run_validate}
+                "validate": _run_validate, "cerebras-config": _run_cerebras_config}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:

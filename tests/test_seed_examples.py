@@ -380,27 +380,54 @@ def test_example_3_sparse_to_sparse(tmp_path, monkeypatch, capsys):
 # --- Cerebras integration ----------------------------------------------------------------
 
 
-def test_cerebras_callback_is_not_implemented():
+LLAMA_BASE_CONFIG = {
+    "trainer": {
+        "init": {
+            "backend": {"backend_type": "CSX"},
+            "model": {"name": "llama", "hidden_size": 2048, "num_hidden_layers": 16},
+            "optimizer": {"AdamW": {"lr": 1e-4}},
+            "loop": {"max_steps": 100},
+            "checkpoint": {"steps": 50},
+        },
+        "fit": {"train_dataloader": {"data_processor": "GptHDF5MapDataProcessor", "batch_size": 8}},
+    }
+}
+
+
+def test_cerebras_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    masks = {"layer.weight": torch.rand(8, 8) > 0.7}
+    from sparselora.pruning.mask_ops import save_mask
+
+    save_mask(masks, "masks_70pct.pt")
     from sparselora.utils.cerebras_sparse_callback import SparseMaskCallback, create_sparse_config
 
-    with pytest.raises(NotImplementedError):
-        SparseMaskCallback(
-            mask_path="masks_70pct.pt",
-            apply_every_step=False,  # Set True for sparse-to-sparse
-        )
+    # Create callback
+    callback = SparseMaskCallback(
+        mask_path="masks_70pct.pt",
+        apply_every_step=False,  # Set True for sparse-to-sparse
+    )
 
-    base_config = {"trainer": {}}
-    with pytest.raises(NotImplementedError):
-        create_sparse_config(
-            base_config,
-            mask_path="masks_70pct.pt",
-            lora_config={
-                "r": 16,
-                "alpha": 32,
-                "dropout": 0.05
-            },
-            sparse_mode="sparse_to_dense"
-        )
+    # Modify Cerebras config
+    base_config = LLAMA_BASE_CONFIG  # Your base config
+    sparse_config = create_sparse_config(
+        base_config,
+        mask_path="masks_70pct.pt",
+        lora_config={
+            "r": 16,
+            "alpha": 32,
+            "dropout": 0.05
+        },
+        sparse_mode="sparse_to_dense"
+    )
+
+    assert callback.mask_path == "masks_70pct.pt" and callback.apply_every_step is False
+    callbacks = sparse_config["trainer"]["init"]["callbacks"]
+    assert callbacks[0] == {"Lora": {"lora_params": {"r": 16, "alpha": 32, "dropout": 0.05, "fan_in_fan_out": False,
+                                                     "merge_weights": False}}}
+    assert callbacks[1] == {"SparseMaskCallback": {"mask_path": "masks_70pct.pt", "apply_every_step": False}}
+    assert "sparsity" not in sparse_config["trainer"]["init"]
+    assert "callbacks" not in base_config["trainer"]["init"]  # the input is not changed
 
 
 # --- Validation --------------------------------------------------------------------------

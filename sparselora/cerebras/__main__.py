@@ -1,0 +1,36 @@
+"""``python -m sparselora.cerebras fit CONFIG.yaml [cszoo arguments]``.
+
+Imports ``SparseMaskCallback`` (so ModelZoo's validator finds the class a YAML config
+names) and hands the command line over to ModelZoo's own CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from . import callback  # noqa: F401 - registers SparseMaskCallback as a ModelZoo Callback
+
+_ENTRY_POINTS = ("cerebras.modelzoo.cli.main", "cerebras.modelzoo.cli.cszoo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not callback.MODELZOO_AVAILABLE:
+        print("sparselora.cerebras: error: Cerebras ModelZoo is not installed (it needs cerebras-pytorch 2.10 "
+              "and torch 2.4.0; see the README section 'Training on Cerebras CS-3')", file=sys.stderr)
+        return 2
+    for module_name in _ENTRY_POINTS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        sys.argv = ["cszoo", *argv]
+        result = module.main()
+        return int(result or 0)
+    print("sparselora.cerebras: error: found ModelZoo but not its CLI entry point", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

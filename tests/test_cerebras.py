@@ -1,0 +1,189 @@
+"""Cerebras backend without any Cerebras package: emitted configs follow ModelZoo 2.10's
+schema, and the callback works through ModelZoo's hook sequence on a real model."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from sparselora.cerebras import SparseMaskCallback, check_trainer_config, create_sparse_config, save_config
+from sparselora.cerebras.schema import CHECKPOINT_KEYS, INIT_KEYS, LORA_KEYS, SPARSITY_KEYS, TRAINER_KEYS
+from sparselora.pruning.mask_generator import compute_unstructured_mask
+from sparselora.pruning.mask_ops import save_mask
+from test_seed_examples import LLAMA_BASE_CONFIG
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+@pytest.fixture
+def mask_file(tmp_path, model):
+    masks = compute_unstructured_mask(model, {"0": 0.5, "2": 0.75})
+    path = tmp_path / "masks.safetensors"
+    save_mask(masks, path, packed=True)
+    return path, masks
+
+
+def assert_schema(config):
+    trainer = config["trainer"]
+    assert set(trainer) <= TRAINER_KEYS
+    init = trainer["init"]
+    assert set(init) <= INIT_KEYS and "model" in init
+    assert set(init.get("checkpoint", {})) <= CHECKPOINT_KEYS
+    for entry in init.get("callbacks", []):
+        assert isinstance(entry, dict) and len(entry) == 1
+        if "Lora" in entry:
+            assert set(entry["Lora"]["lora_params"]) <= LORA_KEYS
+    groups = init.get("sparsity", [])
+    for group in groups if isinstance(groups, list) else [groups]:
+        assert set(group) <= SPARSITY_KEYS
+        assert isinstance(group["sparsity"], float) and 0.0 <= group["sparsity"] < 1.0
+    assert not ("sparsity" in init and any("Lora" in c for c in init.get("callbacks", [])))
+
+
+def test_lora_config(mask_file, tmp_path):
+    path, _ = mask_file
+    base = copy.deepcopy(LLAMA_BASE_CONFIG)
+    config = create_sparse_config(base, path, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                                  "sparse_to_sparse", output=tmp_path / "out.yaml")
+    assert base == LLAMA_BASE_CONFIG
+    assert_schema(config)
+    lora, mask_cb = config["trainer"]["init"]["callbacks"]
+    assert lora["Lora"]["lora_params"]["target_modules"] == ["MultiQueryAttention"]
+    assert lora["Lora"]["lora_params"]["merge_weights"] is False
+    assert mask_cb["SparseMaskCallback"]["apply_every_step"] is True
+    assert yaml.safe_load((tmp_path / "out.yaml").read_text()) == config
+
+
+def test_sparse_full_finetune_config(mask_file, tmp_path):
+    path, masks = mask_file
+    config = create_sparse_config(str(save_config(LLAMA_BASE_CONFIG, tmp_path / "base.yaml")), path)
+    assert_schema(config)
+    groups = config["trainer"]["init"]["sparsity"]
+    assert [g["sparsity"] for g in groups] == [0.5, 0.75]
+    assert [g["param_filter"] for g in groups] == [["0.weight"], ["2.weight"]]
+    assert all(g["algorithm"] == "static" and g["init_method"] == "from_zeros" for g in groups)
+    assert config["trainer"]["init"]["checkpoint"] == {"steps": 50, "disable_strict_checkpoint_loading": True}
+
+
+def test_lora_removes_a_sparsity_block_and_keeps_user_keys(mask_file):
+    path, _ = mask_file
+    base = copy.deepcopy(LLAMA_BASE_CONFIG)
+    base["trainer"]["init"]["sparsity"] = {"sparsity": 0.5}
+    base["trainer"]["init"]["callbacks"] = [{"CheckLoss": {}}]
+    with pytest.warns(UserWarning, match="sparsity block"):
+        config = create_sparse_config(base, path, {"r": 4})
+    init = config["trainer"]["init"]
+    assert "sparsity" not in init and init["callbacks"][0] == {"CheckLoss": {}}
+    assert init["optimizer"] == {"AdamW": {"lr": 1e-4}}
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"trainer": {"init": {"model": {}}, "bogus": 1}}, "unknown keys"),
+        ({"trainer": {"init": {"model": {}, "sparsity": {"sparsity": 1.5}}}}, r"\[0, 1\)"),
+        ({"trainer": {"init": {"model": {}, "sparsity": 0.5, "callbacks": [{"Lora": {"lora_params": {"r": 4}}}]}}}, "Lora"),
+        ({"trainer": {"init": {"model": {}, "callbacks": [{"A": {}, "B": {}}]}}}, "one-key"),
+        ({"trainer": {"init": {}}}, "'model'"),
+    ],
+)
+def test_schema_checks(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_trainer_config(bad)
+
+
+@pytest.mark.parametrize(
+    "lora, match",
+    [({"r": 0}, r"\['r'\]=0"), ({"dropout": 1.0}, "dropout"), ({"rank": 4}, "unknown keys"), ({"target_modules": ["fc1"]}, "class names")],
+)
+def test_bad_lora_config(mask_file, lora, match):
+    with pytest.raises(ValueError, match=match):
+        create_sparse_config(LLAMA_BASE_CONFIG, mask_file[0], lora)
+
+
+def test_bad_mode_and_missing_masks(mask_file, tmp_path):
+    with pytest.raises(ValueError, match="sparse_mode"):
+        create_sparse_config(LLAMA_BASE_CONFIG, mask_file[0], sparse_mode="dense")
+    with pytest.raises(FileNotFoundError, match="mask_path"):
+        create_sparse_config(LLAMA_BASE_CONFIG, tmp_path / "none.pt")
+
+
+class FakeTrainer:
+    """Drives callbacks in ModelZoo 2.10's hook order over a real model and optimizer."""
+
+    def __init__(self, model, callbacks):
+        self.model, self.callbacks = model, callbacks
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def call(self, hook, *args):
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def fit(self, steps):
+        self.call("pre_setup")
+        self.call("setup")
+        self.call("post_setup")
+        self.call("on_fit_start", None, None, None)
+        self.call("on_train_start", self.model, None, None, 0)
+        for step in range(steps):
+            x = torch.randn(4, 16)
+            self.call("on_train_batch_start", self.model, x, step)
+            loss = self.model(x).pow(2).sum()
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.call("on_before_optimizer_step", self.model, self.optimizer)
+            self.optimizer.step()
+            self.call("on_after_optimizer_step", self.model, self.optimizer)
+            self.call("on_train_batch_end", self.model, loss, x, step)
+        state = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+        self.call("on_save_checkpoint", state)
+        self.call("postprocess_checkpoint", state)
+        self.call("on_train_end", self.model, None, 0)
+        return state
+
+
+@pytest.mark.parametrize("every_step", [True, False])
+def test_callback_through_the_hook_sequence(model, mask_file, every_step):
+    path, masks = mask_file
+    callback = SparseMaskCallback(str(path), apply_every_step=every_step)
+    state = FakeTrainer(model, [callback]).fit(steps=3)
+    for name, mask in masks.items():
+        weight = dict(model.named_parameters())[name]
+        pruned_zero = bool((weight[~mask] == 0).all())
+        assert pruned_zero == every_step  # without re-applying, SGD regrows pruned weights
+        assert bool((state["model"][name][~mask] == 0).all())  # saved checkpoints stay masked
+
+
+def test_callback_rejects_masks_that_do_not_fit(model, tmp_path):
+    save_mask({"encoder.q.weight": torch.ones(3, 3, dtype=torch.bool)}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="encoder.q.weight"):
+        FakeTrainer(model, [SparseMaskCallback(str(tmp_path / "m.pt"))]).fit(1)
+    renamed = SparseMaskCallback(str(tmp_path / "m.pt"), name_map={"encoder.q.weight": "0.weight"})
+    with pytest.raises(ValueError, match="shape"):
+        FakeTrainer(model, [renamed]).fit(1)
+
+
+def test_launcher_says_modelzoo_is_missing():
+    proc = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "fit", "x.yaml"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "ModelZoo is not installed" in proc.stderr
+
+
+def test_cli_cerebras_config(mask_file, tmp_path):
+    base = save_config(LLAMA_BASE_CONFIG, tmp_path / "base.yaml")
+    out = tmp_path / "sparse.yaml"
+    proc = subprocess.run([sys.executable, "-m", "sparselora", "cerebras-config", str(base), "--masks", str(mask_file[0]),
+                           "--lora-r", "8", "--lora-alpha", "16", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(out.read_text())
+    assert_schema(config)
+    assert config["trainer"]["init"]["callbacks"][0]["Lora"]["lora_params"]["r"] == 8
