@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.nn as nn
+import os
+
+# Triton kernels are decorated at import: the interpreter must be chosen before sparselora
+# is imported. They run on CPU tensors only when a test forces SPARSELORA_BACKEND=triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 
 class ThreeLayers(nn.Module):

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import cpp, reference  # noqa: F401  - importing registers the backends
+from . import triton as _triton_backend  # noqa: F401
 from ._dispatch import BackendUnavailableError, last_backend, registered_backends, resolve
 from ._types import PruneThreshold
 

@@ -66,9 +66,12 @@ def write_prune_mask(
         used = int(take.sum())
         pruned |= take
     keep = (~pruned).view(score.shape)
-    if packed:
-        keep = torch.from_numpy(np.packbits(keep.cpu().reshape(-1).numpy(), bitorder="little"))
-    return keep, used
+    return (_pack(keep) if packed else keep), used
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> ceil(n/8) uint8 bytes, least significant bit first (on the CPU)."""
+    return torch.from_numpy(np.packbits(mask.cpu().reshape(-1).numpy(), bitorder="little"))
 
 
 @register("select_prune_mask", "reference", priority=REFERENCE_PRIORITY)

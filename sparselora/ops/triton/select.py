@@ -1,0 +1,118 @@
+"""Exact selection on Triton: the cut from two summed key histograms, then the mask writer
+(ties pruned lowest flat index first, as everywhere else)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._dispatch import register
+from .._types import PruneThreshold
+from ._common import TRITON_PRIORITY, triton_reason
+from .histogram import key_histogram, score_keys
+
+__all__ = ["prune_threshold", "write_prune_mask", "select_prune_mask"]
+
+BLOCK = 1024
+_INT_MIN = -(2**31)
+
+
+@triton.jit
+def _count_ties_kernel(
+    x_ptr,  # scores
+    ties_ptr,  # int32[programs]: scores equal to the cut in each block
+    n,  # number of scores
+    cut,  # the cut's key, as int32 bits
+    ABSOLUTE: tl.constexpr,  # keys of |x|
+    BLOCK: tl.constexpr,  # scores per program
+):
+    pid = tl.program_id(0)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < n
+    key = score_keys(tl.load(x_ptr + offsets, mask=valid, other=0.0), ABSOLUTE)
+    tl.store(ties_ptr + pid, tl.sum((valid & (key == cut)).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _write_mask_kernel(
+    x_ptr,  # scores
+    keep_ptr,  # uint8 keep-mask out (1 = kept)
+    ties_before_ptr,  # int64[programs]: ties in earlier blocks (exclusive prefix sum)
+    n,  # number of scores
+    cut_flipped,  # the cut's key with its top bit flipped: unsigned order as signed int32
+    cut,  # the cut's key, as int32 bits
+    ties_left,  # how many tied scores this tensor may prune, first in flat order
+    ABSOLUTE: tl.constexpr,  # keys of |x|
+    BLOCK: tl.constexpr,  # scores per program
+):
+    pid = tl.program_id(0)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < n
+    key = score_keys(tl.load(x_ptr + offsets, mask=valid, other=0.0), ABSOLUTE)
+    below = (key ^ -2147483648) < cut_flipped
+    tie = valid & (key == cut)
+    rank = tl.load(ties_before_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
+    pruned = below | (tie & (rank < ties_left))
+    tl.store(keep_ptr + offsets, (~pruned).to(tl.uint8), mask=valid)
+
+
+def _key_of(value: float, absolute: bool) -> int:
+    """The cut's key as a signed int32 (same bits as the kernels' keys)."""
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    key = bits & 0x7FFFFFFF if absolute else (0x80000000 if bits & 0x7FFFFFFF == 0 else bits ^ (0xFFFFFFFF if bits >> 31 else 0x80000000))
+    return key - 2**32 if key >= 2**31 else key
+
+
+def _scores_reason(scores, *_args):
+    return triton_reason(*scores)
+
+
+@register("prune_threshold", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
+def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
+    from .. import streaming_threshold
+
+    total = sum(s.numel() for s in scores)
+    return streaming_threshold(lambda high: sum(key_histogram(s, absolute, high) for s in scores), k, total, absolute=absolute)
+
+
+def _write_reason(score, *_args):
+    return triton_reason(score)
+
+
+@register("write_prune_mask", "triton", priority=TRITON_PRIORITY, check=_write_reason)
+def write_prune_mask(
+    score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool, packed: bool = False
+) -> tuple[torch.Tensor, int]:
+    if threshold.value == float("-inf"):
+        keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+        return (reference._pack(keep) if packed else keep), 0
+    flat = score.detach().contiguous().reshape(-1)
+    n = flat.numel()
+    keep = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    used = 0
+    if n:
+        programs = triton.cdiv(n, BLOCK)
+        cut = _key_of(threshold.value, absolute)
+        ties = torch.empty(programs, dtype=torch.int32, device=flat.device)
+        _count_ties_kernel[(programs,)](flat, ties, n, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
+        before = torch.cumsum(ties.to(torch.int64), 0) - ties.to(torch.int64)
+        _write_mask_kernel[(programs,)](flat, keep, before, n, cut ^ _INT_MIN, cut, ties_left, ABSOLUTE=absolute, BLOCK=BLOCK)
+        used = min(int(ties.sum()), ties_left)
+    mask = keep.view(torch.bool).reshape(score.shape)
+    return (reference._pack(mask) if packed else mask), used
+
+
+@register("select_prune_mask", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
+def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
+    threshold = prune_threshold(scores, k, absolute)
+    masks, ties_left = [], threshold.ties
+    for score in scores:
+        mask, used = write_prune_mask(score, threshold, ties_left, absolute)
+        ties_left -= used
+        masks.append(mask)
+    return masks
