@@ -6,15 +6,29 @@ import os
 
 import torch
 
-__all__ = ["triton_reason", "TRITON_PRIORITY", "DTYPES"]
+__all__ = ["triton_reason", "TRITON_PRIORITY", "DTYPES", "round_for"]
 
 TRITON_PRIORITY = 20
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     _IMPORT_ERROR = None
+
+    @triton.jit
+    def round_for(x, dtype: tl.constexpr):
+        """fp32 ``x`` rounded to nearest-even in ``dtype``, as a value of ``dtype``.
+
+        bf16 is rounded on the bits first: Triton's interpreter truncates fp32 -> bf16.
+        """
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
 except ImportError as exc:
     _IMPORT_ERROR = f"triton is not installed ({exc})"
 

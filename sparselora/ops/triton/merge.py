@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
-from ._common import TRITON_PRIORITY, triton_reason
+from ._common import TRITON_PRIORITY, round_for, triton_reason
 
 __all__ = ["merge_lora_"]
 
@@ -42,7 +42,7 @@ def _merge_kernel(
     if HAS_MASK:
         keep = tl.load(keep_ptr + at, mask=inside, other=0)
         merged = tl.where(keep != 0, merged, 0.0)  # NaN/inf in pruned slots become 0
-    tl.store(w_ptr + at, merged.to(w.dtype), mask=inside)
+    tl.store(w_ptr + at, round_for(merged, w.dtype), mask=inside)
 
 
 def _reason(weight, lora_A, lora_B, scaling, mask):
