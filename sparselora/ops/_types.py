@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
-__all__ = ["PruneThreshold"]
+__all__ = ["PruneThreshold", "masks_under_threshold"]
 
 
 @dataclass(frozen=True)
@@ -18,3 +19,14 @@ class PruneThreshold:
 
     value: float
     ties: int
+
+
+def masks_under_threshold(scores: Sequence, threshold: PruneThreshold, write: Callable, absolute: bool) -> list:
+    """Keep-masks of a group's tensors, walked in order so the ties go lowest flat index
+    first; ``write(score, threshold, ties_left, absolute)`` returns (mask, ties used)."""
+    masks, ties_left = [], threshold.ties
+    for score in scores:
+        mask, used = write(score, threshold, ties_left, absolute)
+        ties_left -= used
+        masks.append(mask)
+    return masks

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
-from ._types import PruneThreshold
+from ._types import PruneThreshold, masks_under_threshold
 
 __all__ = [
     "prune_threshold",
@@ -76,13 +76,7 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
 
 @register("select_prune_mask", "reference", priority=REFERENCE_PRIORITY)
 def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
-    threshold = prune_threshold(scores, k, absolute)
-    masks, ties_left = [], threshold.ties
-    for score in scores:
-        mask, used = write_prune_mask(score, threshold, ties_left, absolute)
-        ties_left -= used
-        masks.append(mask)
-    return masks
+    return masks_under_threshold(scores, prune_threshold(scores, k, absolute), write_prune_mask, absolute)
 
 
 @register("apply_mask_", "reference", priority=REFERENCE_PRIORITY)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import reference
 from .._dispatch import register
-from .._types import PruneThreshold
+from .._types import PruneThreshold, masks_under_threshold
 from ._common import TRITON_PRIORITY, triton_reason
 from .histogram import key_histogram, score_keys
 
@@ -109,10 +109,4 @@ def write_prune_mask(
 
 @register("select_prune_mask", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
 def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
-    threshold = prune_threshold(scores, k, absolute)
-    masks, ties_left = [], threshold.ties
-    for score in scores:
-        mask, used = write_prune_mask(score, threshold, ties_left, absolute)
-        ties_left -= used
-        masks.append(mask)
-    return masks
+    return masks_under_threshold(scores, prune_threshold(scores, k, absolute), write_prune_mask, absolute)
