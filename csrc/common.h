@@ -83,22 +83,6 @@ inline uint32_t load_bits(const void* data, int64_t i) {
   }
 }
 
-template <int D>
-inline float load_float(const void* data, int64_t i) {
-  return bits_float(load_bits<D>(data, i));
-}
-
-template <int D>
-inline void store_float(void* data, int64_t i, float v) {
-  if constexpr (D == kFloat32) {
-    static_cast<float*>(data)[i] = v;
-  } else if constexpr (D == kFloat16) {
-    static_cast<uint16_t*>(data)[i] = float_to_half(v);
-  } else {
-    static_cast<uint16_t*>(data)[i] = float_to_bf16(v);
-  }
-}
-
 inline bool is_nonfinite_bits(uint32_t u) { return (u & 0x7f800000u) == 0x7f800000u; }
 
 // Order-preserving key: a < b as floats  <=>  key(a) < key(b) as unsigned.
@@ -114,14 +98,6 @@ inline float key_to_float(uint32_t key, bool absolute) {
   if (absolute) return bits_float(key);
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
-
-// Hot loops are compiled twice, for AVX2+FMA (Haswell and later) and for the baseline,
-// and the right one is picked when the module loads: fast without -march=native.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SPARSELORA_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define SPARSELORA_MULTIVERSION
-#endif
 
 // Converts n elements of `dtype` at data[begin...] to fp32 bit patterns.
 inline void to_float_bits(const void* data, int dtype, int64_t begin, int64_t n, uint32_t* bits) {

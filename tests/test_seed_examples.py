@@ -706,7 +706,7 @@ def test_memory_efficient_mask_generation(tmp_path, monkeypatch):
     # Generate masks without loading full model
     from sparselora.pruning.mask_generator import compute_masks_for_state_dict
 
-    state_dict = torch.load("model.pt", map_location="cpu")
+    state_dict = torch.load("model.pt", map_location="cpu", weights_only=True)
     masks = compute_masks_for_state_dict(
         state_dict,
         sparsity=0.5,

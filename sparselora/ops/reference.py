@@ -89,6 +89,14 @@ def _accumulate_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _merged(weight, lora_A, lora_B, scaling, mask, acc: torch.dtype) -> torch.Tensor:
+    """``(W + scaling·B@A) ⊙ M`` in ``acc`` (W None: the delta alone; M None: no mask)."""
+    merged = scaling * (lora_B.to(acc) @ lora_A.to(acc))
+    if weight is not None:
+        merged = merged + weight.to(acc)
+    return merged if mask is None else merged.masked_fill(~mask, 0)
+
+
 @register("merge_lora_", "reference", priority=REFERENCE_PRIORITY)
 def merge_lora_(
     weight: torch.Tensor,
@@ -97,11 +105,7 @@ def merge_lora_(
     scaling: float,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    acc = _accumulate_dtype(weight)
-    merged = weight.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc))
-    if mask is not None:
-        merged.masked_fill_(~mask, 0)
-    return weight.copy_(merged)
+    return weight.copy_(_merged(weight, lora_A, lora_B, scaling, mask, _accumulate_dtype(weight)))
 
 
 @register("masked_lora_weight", "reference", priority=REFERENCE_PRIORITY)
@@ -112,12 +116,8 @@ def masked_lora_weight(
     scaling: float,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    out_dtype = lora_A.dtype if weight is None else weight.dtype
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
-    effective = scaling * (lora_B.to(acc) @ lora_A.to(acc))
-    if weight is not None:
-        effective = effective + weight.to(acc)
-    return effective.masked_fill(~mask, 0).to(out_dtype)
+    like = lora_A if weight is None else weight
+    return _merged(weight, lora_A, lora_B, scaling, mask, _accumulate_dtype(like)).to(like.dtype)
 
 
 @register("masked_lora_linear", "reference", priority=REFERENCE_PRIORITY)

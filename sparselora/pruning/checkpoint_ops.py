@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..utils.safetensors_stream import SafetensorsReader, SafetensorsWriter
 from .checkpoints import Checkpoint
-from .packed_masks import MASK_INDEX_NAME, PACKED_FORMAT, unpack
+from .packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
 
 __all__ = ["MaskFile", "apply_masks_to_checkpoint", "validate_checkpoint_masks"]
 
@@ -35,18 +35,12 @@ class MaskFile:
             self._masks = masks
             self.names = list(masks)
             return
-        import json
-
         from .mask_ops import load_mask
 
         path = Path(masks)
-        files = []
+        files: list[Path] = []
         if path.is_dir() or path.name.endswith(".index.json"):
-            index = path / MASK_INDEX_NAME if path.is_dir() else path
-            if not index.is_file():
-                raise FileNotFoundError(f"mask index {str(index)!r} does not exist")
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+            files = read_index(path)[2]
         elif path.suffix == ".safetensors" and SafetensorsReader(path).metadata.get("format") == PACKED_FORMAT:
             files = [path]
         if not files:
@@ -54,11 +48,9 @@ class MaskFile:
             self.names = list(self._masks)
             return
         for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"mask shard {str(file)!r} does not exist")
             reader = SafetensorsReader(file)
-            shapes = json.loads(reader.metadata["shapes"])
-            for name in reader.names:
+            shapes, order, _ = packed_header(reader)
+            for name in order:
                 self._readers[name] = (reader, tuple(shapes[name]))
         self.names = list(self._readers)
 

@@ -161,7 +161,6 @@ def save_mask(
     if packed:
         from .packed_masks import PackedMaskWriter
 
-        json.loads(meta)  # validated above
         with PackedMaskWriter(path, {n: tuple(t.shape) for n, t in tensors.items()}, json.loads(meta)) as writer:
             for name, mask in tensors.items():
                 writer.write(name, mask)

@@ -33,6 +33,8 @@ __all__ = [
     "unpack",
     "PackedMaskWriter",
     "is_packed_file",
+    "packed_header",
+    "read_index",
     "read_packed_masks",
     "write_mask_index",
 ]
@@ -111,42 +113,56 @@ def is_packed_file(path: PathLike) -> bool:
     return SafetensorsReader(path).metadata.get("format") == PACKED_FORMAT
 
 
-def _read_one(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    reader = SafetensorsReader(path)
-    if reader.metadata.get("format") != PACKED_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a packed mask file (format={reader.metadata.get('format')!r})")
+def packed_header(reader: SafetensorsReader) -> tuple[dict[str, list[int]], list[str], dict[str, Any]]:
+    """(shapes, mask names in order, user metadata) of a packed mask file."""
+    meta = reader.metadata
+    if meta.get("format") != PACKED_FORMAT:
+        raise ValueError(f"{str(reader.path)!r} is not a packed mask file (format={meta.get('format')!r})")
     try:
-        shapes = json.loads(reader.metadata["shapes"])
-        order = json.loads(reader.metadata.get("order", "[]")) or reader.names
-        metadata = json.loads(reader.metadata.get(METADATA_KEY, "{}"))
+        shapes = json.loads(meta["shapes"])
+        order = json.loads(meta.get("order", "[]")) or reader.names
+        metadata = json.loads(meta.get(METADATA_KEY, "{}"))
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r}: bad packed-mask header ({exc})") from None
-    masks = {}
-    for name in order:
-        if name not in reader.entries or name not in shapes:
-            raise ValueError(f"{str(path)!r}: mask {name!r} is listed but missing")
-        masks[name] = unpack(reader.read(name), shapes[name])
-    return masks, metadata
+        raise ValueError(f"{str(reader.path)!r}: bad packed-mask header ({exc})") from None
+    missing = [n for n in order if n not in reader.entries or n not in shapes]
+    if missing:
+        raise ValueError(f"{str(reader.path)!r}: masks {missing[:5]} are listed but missing")
+    return shapes, order, metadata
 
 
-def read_packed_masks(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Bool masks and metadata from a packed file, a directory of shards, or their index."""
+def read_index(path: PathLike) -> tuple[dict[str, str], dict[str, Any], list[Path]]:
+    """(weight_map, metadata, shard files) of a mask index, given the index or its directory."""
     path = Path(path)
     index = path / MASK_INDEX_NAME if path.is_dir() else path
-    if not index.name.endswith(".index.json"):
-        return _read_one(path)
+    if not index.is_file():
+        raise FileNotFoundError(f"mask index {str(index)!r} does not exist")
     try:
         content = json.loads(index.read_text())
         weight_map, metadata = content["weight_map"], content.get("metadata", {})
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise ValueError(f"mask index {str(index)!r} is unreadable: {exc}") from None
-    masks: dict[str, torch.Tensor] = {}
-    for file in dict.fromkeys(weight_map.values()):
-        shard = index.parent / file
+    shards = [index.parent / file for file in dict.fromkeys(weight_map.values())]
+    for shard in shards:
         if not shard.is_file():
-            raise FileNotFoundError(f"mask index names shard {file!r}, which is missing")
-        part, _ = _read_one(shard)
-        masks.update(part)
+            raise FileNotFoundError(f"mask index names shard {shard.name!r}, which is missing")
+    return weight_map, metadata, shards
+
+
+def _read_one(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    reader = SafetensorsReader(path)
+    shapes, order, metadata = packed_header(reader)
+    return {name: unpack(reader.read(name), shapes[name]) for name in order}, metadata
+
+
+def read_packed_masks(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Bool masks and metadata from a packed file, a directory of shards, or their index."""
+    path = Path(path)
+    if not (path.is_dir() or path.name.endswith(".index.json")):
+        return _read_one(path)
+    weight_map, metadata, shards = read_index(path)
+    masks: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        masks.update(_read_one(shard)[0])
     missing = [n for n in weight_map if n not in masks]
     if missing:
         raise ValueError(f"mask index names masks missing from their shards: {missing[:5]}")
