@@ -2,15 +2,20 @@
 //
 // find_cut / select_masks first bracket the k-th smallest key with a strided sample, then
 // make one pass over the scores: keys below the bracket are pruned, keys above it kept,
-// and the few keys inside it are collected and resolved exactly (nth_element). When the
-// bracket misses or holds too many keys (heavy ties), a two-pass radix select on the
-// 16-bit halves of the keys decides instead. Either way the result is exact and the
-// same for any thread count: only integer counts cross threads.
+// and the few keys inside it are resolved exactly. For bool masks the undecided keys wait
+// in the mask itself (select_bool_masks); otherwise they are collected (nth_element). When
+// the bracket misses or holds too many keys, a two-pass radix select on the 16-bit halves
+// of the keys decides instead. Either way the result is exact and the same for any thread
+// count: only integer counts cross threads.
 #include "select.h"
 #include "simd.h"
 
 #include <atomic>
 #include <cmath>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace sparselora {
 namespace {
@@ -73,9 +78,13 @@ uint32_t key_at(const std::vector<Buffer>& tensors, const std::vector<int64_t>& 
   });
 }
 
+int64_t sample_size(int64_t total) { return total <= kBins ? total : std::max<int64_t>(kBins, total >> 9); }
+constexpr int64_t kRun = 16;
+
 // [lo, hi] that holds the k-th smallest key with overwhelming probability.
+// The sample goes to `scratch` (room for m keys) when given, else to a vector of its own.
 void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool absolute, int threads, uint32_t* lo,
-             uint32_t* hi) {
+             uint32_t* hi, uint32_t* scratch = nullptr, int64_t scratch_room = 0) {
   std::vector<int64_t> starts;  // first flat index of each non-empty tensor
   std::vector<Buffer> nonempty;
   int64_t at = 0;
@@ -85,10 +94,17 @@ void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool 
     nonempty.push_back(t);
     at += t.numel;
   }
-  const int64_t m = total <= kBins ? total : std::max<int64_t>(kBins, total >> 8);
-  std::vector<uint32_t> sample(static_cast<size_t>(m));
+  const int64_t m = sample_size(total);
+  std::vector<uint32_t> own;
+  if (scratch_room < m) {
+    own.resize(static_cast<size_t>(m));
+    scratch = own.data();
+  }
+  uint32_t* const sample = scratch;
   parallel_for(m, threads, [&](int64_t j, int) {
-    const int64_t pos = static_cast<int64_t>((static_cast<double>(j) * total) / m);
+    // runs of kRun neighbours: one cache line and one page walk serve kRun keys
+    const int64_t run = j / kRun, runs = (m + kRun - 1) / kRun;
+    const int64_t pos = static_cast<int64_t>((static_cast<double>(run) * total) / runs) + j % kRun;
     sample[j] = key_at(nonempty, starts, std::min(pos, total - 1), absolute);
   });
   const double p = static_cast<double>(k) / total;
@@ -98,13 +114,13 @@ void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool 
   const int64_t r_lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor(target - margin)));
   const int64_t r_hi = std::min<int64_t>(m - 1, static_cast<int64_t>(std::ceil(target + margin)));
   if (m == total) {  // the sample is everything: the bracket is the exact key
-    std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end());
+    std::nth_element(sample, sample + (k - 1), sample + m);
     *lo = *hi = sample[k - 1];
     return;
   }
-  std::nth_element(sample.begin(), sample.begin() + r_lo, sample.end());
+  std::nth_element(sample, sample + r_lo, sample + m);
   *lo = r_lo == 0 ? 0u : sample[r_lo];
-  std::nth_element(sample.begin() + r_lo, sample.begin() + r_hi, sample.end());
+  std::nth_element(sample + r_lo, sample + r_hi, sample + m);
   *hi = r_hi == m - 1 ? 0xffffffffu : sample[r_hi];
 }
 
@@ -166,6 +182,155 @@ Cut radix_cut(const std::vector<Buffer>& tensors, int64_t k, bool absolute, int 
   int64_t before_low = 0, low = 0;
   while (before_low + hist[low] < need) before_low += hist[low++];
   return {static_cast<uint32_t>((high << 16) | low), need - before_low, 0};
+}
+
+// Asks for transparent huge pages on a fresh output buffer: first writes then fault 2 MiB
+// at a time instead of 4 KiB (a bool mask of 100M weights is 25,000 small faults).
+void advise_huge_pages(void* p, int64_t bytes) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+constexpr int kBuckets = 253;  // byte values 2..254 of an undecided key
+
+// select_masks for bool masks, with nothing beside the masks but a few kilobytes:
+//  1. the bracketing sample lives in the largest mask buffer, not yet written;
+//  2. one pass writes 0 / 1 for keys outside the bracket and, for the keys inside it,
+//     2 + their bucket of the bracket (253 buckets), counting each bucket and its key range;
+//  3. the counts name the bucket holding the cut, and a sweep over the masks settles every
+//     other undecided byte. A bucket of one key (ties, as in bf16) is settled by the tie
+//     quota in the same sweep; otherwise its few positions are listed and resolved exactly.
+// Returns false when the bracket missed or a bucket of many keys is too full: the caller
+// then runs the radix select.
+bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool absolute,
+                       const std::vector<void*>& outs, int threads, int64_t* nonfinite) {
+  size_t largest = 0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    advise_huge_pages(outs[t], tensors[t].numel);
+    if (tensors[t].numel > tensors[largest].numel) largest = t;
+  }
+  const bool aligned = reinterpret_cast<uintptr_t>(outs[largest]) % alignof(uint32_t) == 0;
+  uint32_t lo, hi;
+  bracket(tensors, total, k, absolute, threads, &lo, &hi, aligned ? static_cast<uint32_t*>(outs[largest]) : nullptr,
+          aligned ? tensors[largest].numel / 4 : 0);
+  int shift = 0;
+  while (((hi - lo) >> shift) >= static_cast<uint32_t>(kBuckets)) ++shift;
+  // the pass; each worker keeps its own counts, and its chunks are one contiguous run
+  const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  struct Worker {
+    int64_t below = 0, above = 0;
+    uint32_t max_abs = 0;
+    int64_t hist[kBuckets] = {};
+    uint32_t bucket_min[kBuckets], bucket_max[kBuckets];
+    Worker() {
+      std::fill(bucket_min, bucket_min + kBuckets, 0xffffffffu);
+      std::fill(bucket_max, bucket_max + kBuckets, 0u);
+    }
+  };
+  std::vector<Worker> workers(clamp_threads(threads));
+  parallel_for(n_chunks, threads, [&](int64_t c, int wi) {
+    Worker& w = workers[wi];
+    const Chunk& ch = chunks[c];
+    const Buffer& t = tensors[ch.tensor];
+    uint8_t* out = static_cast<uint8_t*>(outs[ch.tensor]);
+    if (t.dtype != kFloat16) {
+      const void* data = static_cast<const char*>(t.data) + ch.begin * dtype_size(t.dtype);
+      scan_bytes(data, t.dtype == kBFloat16, ch.end - ch.begin, absolute, lo, hi, shift, out + ch.begin, &w.below,
+                 &w.above, w.hist, w.bucket_min, w.bucket_max, &w.max_abs);
+      return;
+    }
+    alignas(64) uint32_t converted[kBlock];
+    for (int64_t begin = ch.begin; begin < ch.end; begin += kBlock) {
+      const int64_t n = std::min(kBlock, ch.end - begin);
+      to_float_bits(t.data, t.dtype, begin, n, converted);
+      scan_bytes(converted, false, n, absolute, lo, hi, shift, out + begin, &w.below, &w.above, w.hist, w.bucket_min,
+                 w.bucket_max, &w.max_abs);
+    }
+  });
+  int64_t below = 0, above = 0, hist[kBuckets] = {};
+  uint32_t max_abs = 0;
+  for (const Worker& w : workers) {
+    below += w.below;
+    above += w.above;
+    max_abs = std::max(max_abs, w.max_abs);
+    for (int b = 0; b < kBuckets; ++b) hist[b] += w.hist[b];
+  }
+  if (max_abs >= 0x7f800000u) {  // count them for the error message
+    std::vector<int64_t> counts(kBins);
+    key_histogram(tensors, absolute, -1, counts.data(), nonfinite, threads);
+    return true;
+  }
+  if (below >= k || total - above < k) return false;
+  int64_t need = k - below;  // of the keys inside the bracket
+  int pivot = 0;
+  while (need > hist[pivot]) need -= hist[pivot++];
+  uint32_t pivot_min = 0xffffffffu, pivot_max = 0;
+  for (const Worker& w : workers) {
+    pivot_min = std::min(pivot_min, w.bucket_min[pivot]);
+    pivot_max = std::max(pivot_max, w.bucket_max[pivot]);
+  }
+  const bool one_key = pivot_min == pivot_max;  // every key of the bucket ties at the cut
+  if (!one_key && hist[pivot] > std::max<int64_t>(int64_t(1) << 16, total / 256)) return false;
+
+  // the sweep, over the same worker runs: tie quotas follow flat order run by run
+  std::vector<int64_t> quota(workers.size(), 0);
+  int64_t left = need;
+  for (size_t w = 0; w < workers.size(); ++w) {
+    quota[w] = std::min(left, workers[w].hist[pivot]);
+    left -= quota[w];
+  }
+  std::vector<std::vector<uint32_t>> found(one_key ? 0 : n_chunks);
+  parallel_for(n_chunks, threads, [&](int64_t c, int wi) {
+    const Chunk& ch = chunks[c];
+    uint32_t offsets[kBlock];
+    uint8_t* out = static_cast<uint8_t*>(outs[ch.tensor]);
+    for (int64_t begin = ch.begin; begin < ch.end; begin += kBlock) {
+      const int64_t n = std::min(kBlock, ch.end - begin);
+      const int64_t got = settle_bytes(out + begin, n, static_cast<uint8_t>(2 + pivot), &quota[wi],
+                                       one_key ? nullptr : offsets);
+      for (int64_t f = 0; f < got; ++f) found[c].push_back(static_cast<uint32_t>(begin - ch.begin + offsets[f]));
+    }
+  });
+  if (one_key) return true;
+
+  // several keys in the cut's bucket: resolve them exactly, ties pruned in flat order
+  std::vector<uint32_t> keys;
+  keys.reserve(static_cast<size_t>(hist[pivot]));
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Buffer& t = tensors[chunks[c].tensor];
+    dispatch_dtype(t.dtype, [&](auto tag) {
+      for (uint32_t off : found[c])
+        keys.push_back(score_key(load_bits<decltype(tag)::value>(t.data, chunks[c].begin + off), absolute));
+      return 0;
+    });
+  }
+  std::vector<uint32_t> sorted(keys);
+  std::nth_element(sorted.begin(), sorted.begin() + (need - 1), sorted.end());
+  const uint32_t cut = sorted[need - 1];
+  int64_t ties = need;
+  for (uint32_t key : keys) ties -= key < cut;
+  size_t at = 0;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    uint8_t* out = static_cast<uint8_t*>(outs[chunks[c].tensor]) + chunks[c].begin;
+    for (uint32_t off : found[c]) {
+      const uint32_t key = keys[at++];
+      bool keep = key > cut;
+      if (key == cut) {
+        keep = ties <= 0;
+        ties -= !keep;
+      }
+      out[off] = keep;
+    }
+  }
+  return true;
 }
 
 int64_t count_total(const std::vector<Buffer>& tensors) {
@@ -328,6 +493,21 @@ int64_t write_mask(const Buffer& tensor, uint32_t cut_key, int64_t ties_left, bo
   return ties_left - remaining;
 }
 
+namespace {
+
+// The exact two-pass radix select, then the mask writer: the fallback of both select paths.
+int64_t radix_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolute, const std::vector<void*>& outs,
+                    int layout, int threads) {
+  const Cut cut = radix_cut(tensors, k, absolute, threads);
+  if (cut.nonfinite) return cut.nonfinite;
+  int64_t ties = cut.ties;
+  for (size_t t = 0; t < tensors.size(); ++t)
+    ties -= write_mask(tensors[t], cut.key, ties, absolute, outs[t], layout, threads);
+  return 0;
+}
+
+}  // namespace
+
 int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolute, const std::vector<void*>& outs,
                      int layout, int threads) {
   threads = clamp_threads(threads);
@@ -346,18 +526,18 @@ int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolut
     }
     return pass.nonfinite;
   }
+  if (layout == kBoolBytes) {
+    int64_t nonfinite = 0;
+    if (select_bool_masks(tensors, total, k, absolute, outs, threads, &nonfinite)) return nonfinite;
+    return radix_masks(tensors, k, absolute, outs, layout, threads);
+  }
   uint32_t lo, hi;
   bracket(tensors, total, k, absolute, threads, &lo, &hi);
   const int64_t cap = std::max<int64_t>(int64_t(1) << 16, total / 8);
   const BracketPass pass = bracket_pass(tensors, chunks, absolute, lo, hi, &outs, layout, cap, found, threads);
   if (pass.nonfinite) return pass.nonfinite;
-  if (pass.overflow || pass.below >= k || pass.below + pass.inside < k) {
-    const Cut cut = radix_cut(tensors, k, absolute, threads);
-    int64_t ties = cut.ties;
-    for (size_t t = 0; t < tensors.size(); ++t)
-      ties -= write_mask(tensors[t], cut.key, ties, absolute, outs[t], layout, threads);
-    return 0;
-  }
+  if (pass.overflow || pass.below >= k || pass.below + pass.inside < k)
+    return radix_masks(tensors, k, absolute, outs, layout, threads);
   // the pass pruned every key <= hi; settle the bracketed ones exactly, in flat order
   const Cut cut = resolve_candidates(found, k - pass.below);
   int64_t ties = cut.ties;

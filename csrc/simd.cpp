@@ -46,6 +46,60 @@ int64_t scan_bits_scalar(const uint32_t* bits, int64_t n, bool absolute, uint32_
   return written;
 }
 
+void scan_bytes_scalar(const void* data, bool bf16, int64_t n, bool absolute, uint32_t lo, uint32_t hi, int shift,
+                       uint8_t* out, int64_t* below, int64_t* above, int64_t* hist, uint32_t* bucket_min,
+                       uint32_t* bucket_max, uint32_t* max_abs) {
+  int64_t b = 0, a = 0;
+  uint32_t top = *max_abs;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = bf16 ? bf16_to_float_bits(static_cast<const uint16_t*>(data)[i])
+                            : static_cast<const uint32_t*>(data)[i];
+    top = std::max(top, u & 0x7fffffffu);
+    const uint32_t key = score_key(u, absolute);
+    if (key < lo) {
+      out[i] = 0;
+      ++b;
+    } else if (key > hi) {
+      out[i] = 1;
+      ++a;
+    } else {
+      const uint32_t bucket = (key - lo) >> shift;
+      out[i] = static_cast<uint8_t>(2 + bucket);
+      ++hist[bucket];
+      bucket_min[bucket] = std::min(bucket_min[bucket], key);
+      bucket_max[bucket] = std::max(bucket_max[bucket], key);
+    }
+  }
+  *below += b;
+  *above += a;
+  *max_abs = top;
+}
+
+// a byte holding the pivot bucket: listed, or settled by the tie quota
+inline void settle_pivot(uint8_t* out, int64_t i, int64_t* quota, uint32_t* found, int64_t* written) {
+  if (found) {
+    found[(*written)++] = static_cast<uint32_t>(i);
+  } else if (*quota > 0) {
+    out[i] = 0;
+    --*quota;
+  } else {
+    out[i] = 1;
+  }
+}
+
+int64_t settle_bytes_scalar(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
+  int64_t written = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t b = out[i];
+    if (b < 2) continue;
+    if (b == pivot)
+      settle_pivot(out, i, quota, found, &written);
+    else
+      out[i] = b > pivot;
+  }
+  return written;
+}
+
 void delta_tile_scalar(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0,
                        int64_t n_cols, float* acc) {
   for (int64_t x = 0; x < 4 * 64; ++x) acc[x] = 0.0f;
@@ -133,6 +187,119 @@ AVX2 int64_t scan_bits_avx2(const uint32_t* bits, int64_t n, bool absolute, uint
   uint8_t* keep_tail = keep ? (packed ? keep + (i >> 3) : keep + i) : nullptr;
   const int64_t tail = scan_bits_scalar(bits + i, n - i, absolute, lo, hi, keep_tail, packed, below, inside,
                                         nonfinite, found ? found + written : nullptr);
+  if (found)
+    for (int64_t t = 0; t < tail; ++t) found[written + t] += static_cast<uint32_t>(i);
+  return written + tail;
+}
+
+// 8 scores as fp32 bits, from fp32 or bf16
+AVX2 inline __m256i load_bits8(const void* data, bool bf16, int64_t i) {
+  if (bf16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+  }
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint32_t*>(data) + i));
+}
+
+// LEFT_PACK[m]: lane indices of the set bits of m, lowest first (a compress for AVX2)
+struct LeftPack {
+  alignas(32) int32_t lanes[256][8];
+  LeftPack() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m & (1 << l)) lanes[m][n++] = l;
+      while (n < 8) lanes[m][n++] = 0;
+    }
+  }
+};
+const LeftPack kLeftPack;
+
+AVX2 void scan_bytes_avx2(const void* data, bool bf16, int64_t n, bool absolute, uint32_t lo, uint32_t hi, int shift,
+                          uint8_t* out, int64_t* below, int64_t* above, int64_t* hist, uint32_t* bucket_min,
+                          uint32_t* bucket_max, uint32_t* max_abs) {
+  // Keys are compared as signed ints: score_key ^ 0x80000000 in general; for |x| the key
+  // is below 2^31 already. The bracket moves the same way.
+  const uint32_t flip = absolute ? 0u : 0x80000000u;
+  const uint32_t hi_clamped = absolute ? std::min(hi, 0x7fffffffu) : hi;
+  const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo ^ flip));
+  const __m256i vhi = _mm256_set1_epi32(static_cast<int>(hi_clamped ^ flip));
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), ones = _mm256_set1_epi32(-1), two = _mm256_set1_epi32(2);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m128i vshift = _mm_cvtsi32_si128(shift);
+  __m256i cb = _mm256_setzero_si256(), ca = cb, top = cb;
+  // keys inside the bracket, compressed without branches, histogrammed after each block
+  constexpr int64_t kBlockKeys = 4096;
+  alignas(32) int32_t inside[kBlockKeys + 8];
+  int64_t i = 0;
+  while (i + 32 <= n) {
+    int64_t count = 0;
+    const int64_t stop = std::min(n, i + kBlockKeys) - 31;
+    for (; i < stop; i += 32) {
+      __m256i val[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m256i u = load_bits8(data, bf16, i + 8 * v);
+        const __m256i mag = _mm256_and_si256(u, abs_mask);
+        top = _mm256_max_epi32(top, mag);
+        __m256i key = mag;
+        if (!absolute) {  // sign flip for negatives, then -0 (now -1) onto +0
+          key = _mm256_xor_si256(u, _mm256_srli_epi32(_mm256_srai_epi32(u, 31), 1));
+          key = _mm256_sub_epi32(key, _mm256_cmpeq_epi32(key, ones));
+        }
+        const __m256i lt = _mm256_cmpgt_epi32(vlo, key), gt = _mm256_cmpgt_epi32(key, vhi);
+        cb = _mm256_sub_epi32(cb, lt);
+        ca = _mm256_sub_epi32(ca, gt);
+        const __m256i outside = _mm256_or_si256(lt, gt);
+        const __m256i bucket = _mm256_add_epi32(two, _mm256_srl_epi32(_mm256_sub_epi32(key, vlo), vshift));
+        val[v] = _mm256_blendv_epi8(bucket, _mm256_srli_epi32(gt, 31), outside);  // 0, 1 or 2 + bucket
+        const int in_bits = ~_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xff;
+        const __m256i pick = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.lanes[in_bits]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(inside + count), _mm256_permutevar8x32_epi32(key, pick));
+        count += __builtin_popcount(static_cast<unsigned>(in_bits));
+      }
+      // values <= 254: signed 16-bit packing is exact, unsigned 8-bit packing too
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(val[0], val[1]), _mm256_packs_epi32(val[2], val[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+    for (int64_t c = 0; c < count; ++c) {
+      const uint32_t key = static_cast<uint32_t>(inside[c]) ^ flip;
+      const uint32_t b = (key - lo) >> shift;
+      ++hist[b];
+      bucket_min[b] = std::min(bucket_min[b], key);
+      bucket_max[b] = std::max(bucket_max[b], key);
+    }
+  }
+  alignas(32) int32_t lanes[3][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), cb);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), ca);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), top);
+  for (int l = 0; l < 8; ++l) {
+    *below += lanes[0][l];
+    *above += lanes[1][l];
+    *max_abs = std::max(*max_abs, static_cast<uint32_t>(lanes[2][l]));
+  }
+  const void* rest = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(data) + i)
+                          : static_cast<const void*>(static_cast<const uint32_t*>(data) + i);
+  scan_bytes_scalar(rest, bf16, n - i, absolute, lo, hi, shift, out + i, below, above, hist, bucket_min, bucket_max,
+                    max_abs);
+}
+
+AVX2 int64_t settle_bytes_avx2(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
+  const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2), p = _mm256_set1_epi8(static_cast<char>(pivot));
+  int64_t written = 0, i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i));
+    const __m256i undecided = _mm256_cmpeq_epi8(_mm256_max_epu8(v, two), v);  // v >= 2
+    if (_mm256_testz_si256(undecided, undecided)) continue;
+    const __m256i at_most_pivot = _mm256_cmpeq_epi8(_mm256_max_epu8(v, p), p);
+    const __m256i is_pivot = _mm256_cmpeq_epi8(v, p);
+    // above the pivot: 1; below: 0; the pivot itself stays for the exact resolve
+    const __m256i settled = _mm256_or_si256(_mm256_andnot_si256(at_most_pivot, one), _mm256_and_si256(is_pivot, v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_blendv_epi8(v, settled, undecided));
+    for (uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(is_pivot)); m; m &= m - 1)
+      settle_pivot(out, i + __builtin_ctz(m), quota, found, &written);
+  }
+  const int64_t tail = settle_bytes_scalar(out + i, n - i, pivot, quota, found ? found + written : nullptr);
   if (found)
     for (int64_t t = 0; t < tail; ++t) found[written + t] += static_cast<uint32_t>(i);
   return written + tail;
@@ -228,6 +395,17 @@ void set_simd(bool on) { use_simd = on && cpu_has_avx2_fma(); }
 int64_t scan_bits(const uint32_t* bits, int64_t n, bool absolute, uint32_t lo, uint32_t hi, uint8_t* keep,
                   bool packed, int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found) {
   return SPARSELORA_PICK(scan_bits, bits, n, absolute, lo, hi, keep, packed, below, inside, nonfinite, found);
+}
+
+void scan_bytes(const void* data, bool bf16, int64_t n, bool absolute, uint32_t lo, uint32_t hi, int shift,
+                uint8_t* out, int64_t* below, int64_t* above, int64_t* hist, uint32_t* bucket_min, uint32_t* bucket_max,
+                uint32_t* max_abs) {
+  SPARSELORA_PICK(scan_bytes, data, bf16, n, absolute, lo, hi, shift, out, below, above, hist, bucket_min, bucket_max,
+                  max_abs);
+}
+
+int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
+  return SPARSELORA_PICK(settle_bytes, out, n, pivot, quota, found);
 }
 
 void delta_tile(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0, int64_t n_cols,

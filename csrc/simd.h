@@ -18,6 +18,21 @@ void set_simd(bool on);
 int64_t scan_bits(const uint32_t* bits, int64_t n, bool absolute, uint32_t lo, uint32_t hi, uint8_t* keep,
                   bool packed, int64_t* below, int64_t* inside, int64_t* nonfinite, uint32_t* found);
 
+// The bool-mask select pass over n scores (fp32 bits, or bf16 when `bf16`): out[i] = 0 when
+// key < lo, 1 when key > hi, and 2 + ((key - lo) >> shift) (at most 254 by the caller's
+// choice of shift) inside [lo, hi], counted in hist[out[i] - 2]. Adds to below / above and
+// raises *max_abs to the largest |bits| seen (>= 0x7f800000 means a non-finite score).
+// bucket_min / bucket_max (253 each) track the smallest and largest key of each bucket.
+void scan_bytes(const void* data, bool bf16, int64_t n, bool absolute, uint32_t lo, uint32_t hi, int shift,
+                uint8_t* out, int64_t* below, int64_t* above, int64_t* hist, uint32_t* bucket_min,
+                uint32_t* bucket_max, uint32_t* max_abs);
+
+// Settles the bytes scan_bytes left undecided: a byte b >= 2 becomes 0 when b < pivot and 1
+// when b > pivot. Bytes equal to pivot: with `found`, they stay and their offsets go there
+// (room for n); without, the first *quota of them become 0 (counted down) and the rest 1.
+// Returns how many offsets it wrote.
+int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found);
+
 // acc[i*64 + j] = sum_p b[i*r + p] * A[p*cols + c0 + j] for i < rows (<= 4), j < n_cols (<= 64).
 void delta_tile(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0, int64_t n_cols,
                 float* acc);

@@ -91,25 +91,45 @@ def test_many_tensors_mixed_dtypes_and_empty(monkeypatch, absolute):
 
 
 @pytest.mark.parametrize(
-    "kind",
-    ["normal", "all-equal", "bracket-miss"],
-    ids=["sampled bracket", "heavy ties (radix fallback)", "unrepresentative sample (radix fallback)"],
+    "kind, dtype, absolute",
+    [
+        ("normal", torch.float32, True),
+        ("normal", torch.float32, False),
+        ("normal", torch.bfloat16, True),
+        ("normal", torch.float16, False),
+        ("all-equal", torch.float32, True),
+        ("bracket-miss", torch.float32, True),
+    ],
+    ids=[
+        "sampled bracket, cut bucket resolved exactly",
+        "signed scores",
+        "bf16: the cut bucket is one key, settled by the tie quota",
+        "fp16 converted block by block",
+        "heavy ties",
+        "unrepresentative sample (radix fallback)",
+    ],
 )
-def test_large_inputs_take_every_path(monkeypatch, kind):
+def test_large_inputs_take_every_path(monkeypatch, kind, dtype, absolute):
     n = 300_007
     gen = torch.Generator().manual_seed(5)
     if kind == "normal":
-        score = torch.randn(n, generator=gen)
+        score = torch.randn(n, generator=gen).to(dtype)
     elif kind == "all-equal":
-        score = torch.ones(n)
+        score = torch.ones(n, dtype=dtype)
     else:
-        # every position the strided sample reads is large; the true median is small
-        score = torch.rand(n, generator=gen)
-        m = 65536
-        score[(torch.arange(m, dtype=torch.float64) * n / m).long()] = 1000.0
+        # every position the sample reads (runs of 16 neighbours) is large; the true median is small
+        score = torch.rand(n, generator=gen).to(dtype)
+        runs, total = 65536 // 16, n + 999
+        starts = torch.tensor([int(r * total / runs) for r in range(runs)])
+        score[(starts[:, None] + torch.arange(16)).reshape(-1).clamp(max=n - 1)] = 1000.0
     for k in (1, n // 2, n - 1):
-        ref, out = both(monkeypatch, "select_prune_mask", [score, score[:999]], k, absolute=True)
+        ref, out = both(monkeypatch, "select_prune_mask", [score, score[:999]], k, absolute=absolute)
         assert torch.equal(ref[0], out[0]) and torch.equal(ref[1], out[1])
+        for threads in (1, 3):  # the tie quota follows each worker's run of chunks
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            again = on("cpp", monkeypatch, ops.select_prune_mask, [score, score[:999]], k, absolute=absolute)
+            assert torch.equal(ref[0], again[0]) and torch.equal(ref[1], again[1])
+        monkeypatch.undo()
 
 
 def test_more_than_2_31_elements_in_total():
