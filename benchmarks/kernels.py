@@ -127,10 +127,9 @@ def case_merge(method: str, dtype_name: str, side: int, repeat: int) -> dict:
     return {"seconds": seconds, "extra_bytes": extra}
 
 
-def case_train_step(method: str, side: int, tokens: int, repeat: int) -> dict:
+def train_model(method: str, side: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     net = torch.nn.Sequential(*(torch.nn.Linear(side, side) for _ in range(4)))
-    x = torch.randn(tokens, side)
     if method == "peft_lora":
         import peft
 
@@ -141,16 +140,30 @@ def case_train_step(method: str, side: int, tokens: int, repeat: int) -> dict:
 
         masks = compute_unstructured_mask(net, 0.5, progress=False)
         net = apply_sparse_lora(net, masks, SparseLoRAConfig(r=16, alpha=32, dropout=0.0, sparsity_mode=method))
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    return net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
-    def step():
+
+def case_train_step(methods: str, side: int, tokens: int, repeat: int) -> dict:
+    """Steps of several models timed in turn in one process, so that drift in the machine's
+    speed falls on all of them alike; median per model."""
+    x = torch.randn(tokens, side, generator=torch.Generator().manual_seed(1))
+    models = {m: train_model(m, side) for m in methods.split(",")}
+
+    def step(net, opt):
         loss = net(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    seconds, extra = timed(step, repeat)
-    return {"seconds": seconds, "extra_bytes": extra}
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for m, (net, opt) in models.items():  # warm-up
+        step(net, opt)
+    for _ in range(repeat):
+        for m, (net, opt) in models.items():
+            start = time.perf_counter()
+            step(net, opt)
+            times[m].append(time.perf_counter() - start)
+    return {m: {"seconds": statistics.median(t)} for m, t in times.items()}
 
 
 def child(argv: list[str]) -> None:
@@ -220,7 +233,7 @@ def main() -> None:
               f"{gb(o['extra_bytes']) * 1e3:>20.0f} MB / {gb(b['extra_bytes']) * 1e3:.0f} MB")
 
     tside, tokens = (256, 256) if args.quick else (1024, 1024)
-    steps = {m: measure("train", m, tside, tokens, repeat) for m in ("sparse_to_sparse", "sparse_to_dense", "peft_lora")}
+    steps = measure("train", "sparse_to_sparse,sparse_to_dense,peft_lora", tside, tokens, 3 * repeat)
     ratio = steps["sparse_to_sparse"]["seconds"] / steps["sparse_to_dense"]["seconds"]
     results["train_step"] = {**steps, "ratio_vs_sparse_to_dense": ratio,
                              "ratio_vs_peft": steps["sparse_to_sparse"]["seconds"] / steps["peft_lora"]["seconds"]}

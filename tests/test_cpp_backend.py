@@ -277,6 +277,31 @@ def test_masked_lora_linear_forward_and_gradients(monkeypatch, dtype, with_weigh
         assert err <= 2 * ref_err + 1e-5 * want.abs().max(), (err, ref_err)
 
 
+def test_stacked_square_layers_share_a_workspace_safely(monkeypatch):
+    """Square layers reuse one buffer for W_eff and for G = dYᵀX; a chain of them must still
+    give the reference's outputs and gradients."""
+    gen = torch.Generator().manual_seed(11)
+    side, r, layers = 32, 4, 3
+    weights = [torch.randn(side, side, generator=gen) for _ in range(layers)]
+    masks = [torch.rand(side, side, generator=gen) > 0.5 for _ in range(layers)]
+    a0 = [torch.randn(r, side, generator=gen) for _ in range(layers)]
+    b0 = [torch.randn(side, r, generator=gen) for _ in range(layers)]
+    x0 = torch.randn(7, side, generator=gen)
+
+    def run(backend):
+        x = x0.clone().requires_grad_()
+        a = [t.clone().requires_grad_() for t in a0]
+        b = [t.clone().requires_grad_() for t in b0]
+        h = x
+        for i in range(layers):
+            h = on(backend, monkeypatch, ops.masked_lora_linear, h, weights[i], a[i], b[i], 0.5, masks[i], None)
+        h.pow(2).sum().backward()
+        return [h.detach(), x.grad, *(t.grad for t in a), *(t.grad for t in b)]
+
+    for got, want in zip(run("cpp"), run("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _child_selects(queue):
     torch.set_num_threads(1)  # torch's own OpenMP pool cannot run in a forked child
     n = 200_000

@@ -7,6 +7,7 @@ dispatcher then falls back to the reference, or raises when this backend was for
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Sequence
 
@@ -151,6 +152,25 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+_workspaces = threading.local()
+
+
+def _workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable ``rows x cols`` buffer, one per shape and dtype in each thread.
+
+    The effective weight of a sparse_to_sparse layer lives only inside one forward or
+    backward call; a fresh out x in tensor per call costs more in first-touch page faults
+    than building it. Never hand one out beyond the call that filled it.
+    """
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = {}
+    key = (rows, cols, dtype)
+    if key not in cache:
+        cache[key] = torch.empty(rows, cols, dtype=dtype)
+    return cache[key]
+
+
 def _merge_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
     return _first_reason(_inplace_reason(weight, mask), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"))
 
@@ -228,7 +248,7 @@ class _MaskedLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, scaling, mask, bias):
         dtype = lora_A.dtype if weight is None else weight.dtype
         w_eff = _effective_weight(weight, lora_A, lora_B, scaling, mask,
-                                  torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype))
+                                  _workspace(lora_B.shape[0], lora_A.shape[1], dtype))
         ctx.save_for_backward(x, weight, lora_A, lora_B, mask)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
@@ -242,10 +262,12 @@ class _MaskedLoRALinear(torch.autograd.Function):
         d_x = d_w = d_a = d_b = d_bias = None
         if ctx.needs_input_grad[0]:
             w_eff = _effective_weight(weight, lora_A, lora_B, s, mask,
-                                      torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dy.dtype))
+                                      _workspace(lora_B.shape[0], lora_A.shape[1], dy.dtype))
             d_x = (dy @ w_eff).view(x.shape)
         if any(ctx.needs_input_grad[1:4]):
-            g = dy.t() @ x.reshape(-1, x.shape[-1])
+            # G = dYᵀX in a workspace too, unless it is returned as the weight's gradient
+            g = dy.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else torch.mm(
+                dy.t(), x.reshape(-1, x.shape[-1]), out=_workspace(dy.shape[1], x.shape[-1], dy.dtype))
             _C.apply_mask(g.data_ptr(), _DTYPE_CODES[g.dtype], g.numel(), mask.contiguous().data_ptr(), _C.BOOL_BYTES, _threads())
             if ctx.needs_input_grad[3]:
                 d_b = s * (g @ lora_A.t())
