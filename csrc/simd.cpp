@@ -201,20 +201,6 @@ AVX2 inline __m256i load_bits8(const void* data, bool bf16, int64_t i) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint32_t*>(data) + i));
 }
 
-// LEFT_PACK[m]: lane indices of the set bits of m, lowest first (a compress for AVX2)
-struct LeftPack {
-  alignas(32) int32_t lanes[256][8];
-  LeftPack() {
-    for (int m = 0; m < 256; ++m) {
-      int n = 0;
-      for (int l = 0; l < 8; ++l)
-        if (m & (1 << l)) lanes[m][n++] = l;
-      while (n < 8) lanes[m][n++] = 0;
-    }
-  }
-};
-const LeftPack kLeftPack;
-
 AVX2 void scan_bytes_avx2(const void* data, bool bf16, int64_t n, bool absolute, uint32_t lo, uint32_t hi, int shift,
                           uint8_t* out, int64_t* below, int64_t* above, int64_t* hist, uint32_t* bucket_min,
                           uint32_t* bucket_max, uint32_t* max_abs) {
@@ -226,47 +212,39 @@ AVX2 void scan_bytes_avx2(const void* data, bool bf16, int64_t n, bool absolute,
   const __m256i vhi = _mm256_set1_epi32(static_cast<int>(hi_clamped ^ flip));
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), ones = _mm256_set1_epi32(-1), two = _mm256_set1_epi32(2);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m128i vshift = _mm_cvtsi32_si128(shift);
   __m256i cb = _mm256_setzero_si256(), ca = cb, top = cb;
-  // keys inside the bracket, compressed without branches, histogrammed after each block
-  constexpr int64_t kBlockKeys = 4096;
-  alignas(32) int32_t inside[kBlockKeys + 8];
   int64_t i = 0;
-  while (i + 32 <= n) {
-    int64_t count = 0;
-    const int64_t stop = std::min(n, i + kBlockKeys) - 31;
-    for (; i < stop; i += 32) {
-      __m256i val[4];
-      for (int v = 0; v < 4; ++v) {
-        const __m256i u = load_bits8(data, bf16, i + 8 * v);
-        const __m256i mag = _mm256_and_si256(u, abs_mask);
-        top = _mm256_max_epi32(top, mag);
-        __m256i key = mag;
-        if (!absolute) {  // sign flip for negatives, then -0 (now -1) onto +0
-          key = _mm256_xor_si256(u, _mm256_srli_epi32(_mm256_srai_epi32(u, 31), 1));
-          key = _mm256_sub_epi32(key, _mm256_cmpeq_epi32(key, ones));
-        }
-        const __m256i lt = _mm256_cmpgt_epi32(vlo, key), gt = _mm256_cmpgt_epi32(key, vhi);
-        cb = _mm256_sub_epi32(cb, lt);
-        ca = _mm256_sub_epi32(ca, gt);
-        const __m256i outside = _mm256_or_si256(lt, gt);
-        const __m256i bucket = _mm256_add_epi32(two, _mm256_srl_epi32(_mm256_sub_epi32(key, vlo), vshift));
-        val[v] = _mm256_blendv_epi8(bucket, _mm256_srli_epi32(gt, 31), outside);  // 0, 1 or 2 + bucket
-        const int in_bits = ~_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xff;
-        const __m256i pick = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.lanes[in_bits]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(inside + count), _mm256_permutevar8x32_epi32(key, pick));
-        count += __builtin_popcount(static_cast<unsigned>(in_bits));
+  for (; i + 32 <= n; i += 32) {
+    __m256i val[4];
+    uint32_t outside = 0;
+    for (int v = 0; v < 4; ++v) {
+      const __m256i u = load_bits8(data, bf16, i + 8 * v);
+      const __m256i mag = _mm256_and_si256(u, abs_mask);
+      top = _mm256_max_epi32(top, mag);
+      __m256i key = mag;
+      if (!absolute) {  // sign flip for negatives, then -0 (now -1) onto +0
+        key = _mm256_xor_si256(u, _mm256_srli_epi32(_mm256_srai_epi32(u, 31), 1));
+        key = _mm256_sub_epi32(key, _mm256_cmpeq_epi32(key, ones));
       }
-      // values <= 254: signed 16-bit packing is exact, unsigned 8-bit packing too
-      const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(val[0], val[1]), _mm256_packs_epi32(val[2], val[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+      const __m256i lt = _mm256_cmpgt_epi32(vlo, key), gt = _mm256_cmpgt_epi32(key, vhi);
+      cb = _mm256_sub_epi32(cb, lt);
+      ca = _mm256_sub_epi32(ca, gt);
+      val[v] = _mm256_add_epi32(_mm256_add_epi32(two, _mm256_add_epi32(lt, lt)), gt);  // 0, 1 or 2
+      outside |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(lt, gt)))) << (8 * v);
     }
-    for (int64_t c = 0; c < count; ++c) {
-      const uint32_t key = static_cast<uint32_t>(inside[c]) ^ flip;
-      const uint32_t b = (key - lo) >> shift;
-      ++hist[b];
-      bucket_min[b] = std::min(bucket_min[b], key);
-      bucket_max[b] = std::max(bucket_max[b], key);
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(val[0], val[1]), _mm256_packs_epi32(val[2], val[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+    // keys inside the bracket are rare (well under 1%): a branch per 32 scores is cheaper
+    // than gathering them without one
+    for (uint32_t inside = ~outside; inside; inside &= inside - 1) {
+      const int64_t j = i + __builtin_ctz(inside);
+      const uint32_t u = bf16 ? bf16_to_float_bits(static_cast<const uint16_t*>(data)[j])
+                              : static_cast<const uint32_t*>(data)[j];
+      const uint32_t key = score_key(u, absolute), bucket = (key - lo) >> shift;
+      out[j] = static_cast<uint8_t>(2 + bucket);
+      ++hist[bucket];
+      bucket_min[bucket] = std::min(bucket_min[bucket], key);
+      bucket_max[bucket] = std::max(bucket_max[bucket], key);
     }
   }
   alignas(32) int32_t lanes[3][8];
