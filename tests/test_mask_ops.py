@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -91,3 +93,20 @@ def test_apply_masks_clears_nan_in_pruned_slots():
     mask = torch.tensor([[True, False, False], [False, False, True]])
     apply_masks_to_model(nn.Sequential(layer), {"0.weight": mask})
     assert torch.equal(layer.weight[~mask], torch.zeros(4))
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    from sparselora.utils.atomic import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.bin"
+        atomic_write_bytes(fresh, b"x")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o600)
+        atomic_write_bytes(kept, b"new")
+        assert kept.stat().st_mode & 0o777 == 0o600 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(umask)

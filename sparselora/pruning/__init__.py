@@ -1,6 +1,13 @@
 """The pruning API: importance scores, mask generation, mask operations and sparse LoRA."""
 
-from .importance import compute_layer_importance, magnitude_importance, taylor_importance, wanda_importance
+from .importance import (
+    collect_activation_norms,
+    collect_taylor_importance,
+    compute_layer_importance,
+    magnitude_importance,
+    taylor_importance,
+    wanda_importance,
+)
 from .mask_generator import (
     MaskGenerator,
     compute_masks_for_state_dict,
@@ -18,6 +25,7 @@ from .mask_ops import (
     plot_sparsity_histogram,
     save_mask,
     validate_mask,
+    validate_nm_mask,
 )
 from .sparse_lora import (
     SparseLoRAConfig,
@@ -31,6 +39,8 @@ __all__ = [
     "magnitude_importance",
     "taylor_importance",
     "wanda_importance",
+    "collect_activation_norms",
+    "collect_taylor_importance",
     "compute_layer_importance",
     "MaskGenerator",
     "compute_unstructured_mask",
@@ -41,6 +51,7 @@ __all__ = [
     "sparsity_schedule",
     "prune_gradually",
     "validate_mask",
+    "validate_nm_mask",
     "save_mask",
     "load_mask",
     "compute_sparsity_stats",

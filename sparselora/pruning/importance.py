@@ -2,15 +2,24 @@
 
 Every function returns a tensor shaped like the weight it scores. Scores never carry
 autograd history.
+
+Data-driven scores come with a calibration helper that streams batches through the model:
+
+* Wanda (Sun et al., 2023): ``|W_ij| · ‖X_j‖₂``, the input-feature norms gathered by
+  :func:`collect_activation_norms` (forward hooks; only a running sum of squares per
+  feature is kept, never the activations).
+* Taylor over several batches: :func:`collect_taylor_importance` averages the per-batch
+  first-order saliency ``|W ⊙ ∂L_b/∂W|`` (see there for why not ``|W ⊙ Σ_b ∂L_b/∂W|``).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ._targets import _is_hf_conv1d, model_targets
 
@@ -19,12 +28,28 @@ __all__ = [
     "taylor_importance",
     "wanda_importance",
     "collect_activation_norms",
+    "collect_taylor_importance",
     "compute_layer_importance",
     "IMPORTANCE_METHODS",
 ]
 
 IMPORTANCE_METHODS = ("magnitude", "taylor", "wanda", "custom")
 ImportanceFn = Callable[[nn.Module, str], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def _run_batch(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    # tqdm's disable=None hides the bar when not writing to a TTY
+    return None if progress is None else not progress
 
 
 def _weight_of(layer: Union[nn.Module, torch.Tensor], fn: str) -> torch.Tensor:
@@ -77,17 +102,40 @@ def wanda_importance(layer: Union[nn.Module, torch.Tensor], activation_norm: tor
 
 @torch.no_grad()
 def collect_activation_norms(
-    model: nn.Module, batches: Iterable, module_names: Iterable[str] | None = None
+    model: nn.Module,
+    batches: Iterable,
+    module_names: Iterable[str] | None = None,
+    *,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run calibration ``batches`` through ``model`` and return, per Linear module name, the
-    L2 norm of each input feature over every calibration token.
+    L2 norm of each input feature over every calibration token (Wanda's ``‖X_j‖₂``).
 
+    Forward hooks on the Linear layers (and transformers' ``Conv1D``) add each batch's
+    per-feature sum of squares to a running fp32 total, so memory is one vector per layer
+    whatever the number of batches. The model runs in eval mode (restored afterwards).
     A batch is passed as ``model(**batch)`` when it is a dict, ``model(*batch)`` when a
-    tuple/list, else ``model(batch)``.
+    tuple/list, else ``model(batch)``. ``module_names`` limits the hooked layers; a name
+    that is not a Linear module of ``model`` is an error. ``progress`` shows a bar over
+    the batches (None: only on a terminal).
     """
-    wanted = set(module_names) if module_names is not None else None
+    linear = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+    }
+    if module_names is not None:
+        module_names = list(module_names)
+        unknown = [n for n in module_names if n not in linear]
+        if unknown:
+            sample = ", ".join(list(linear)[:3]) or "none"
+            raise ValueError(
+                f"module_names {unknown} are not Linear modules of the model (Linear modules: {sample}, ...)"
+            )
+        linear = {n: linear[n] for n in module_names}
+    if not linear:
+        raise ValueError("collect_activation_norms found no Linear module to calibrate")
     sums: dict[str, torch.Tensor] = {}
-    hooks = []
 
     def make_hook(name: str):
         def hook(_module, inputs, _output):
@@ -97,24 +145,14 @@ def collect_activation_norms(
 
         return hook
 
-    for name, module in model.named_modules():
-        is_linear = isinstance(module, nn.Linear) or _is_hf_conv1d(module)
-        if is_linear and (wanted is None or name in wanted):
-            hooks.append(module.register_forward_hook(make_hook(name)))
-    if not hooks:
-        raise ValueError("collect_activation_norms found no Linear module to calibrate")
+    hooks = [module.register_forward_hook(make_hook(name)) for name, module in linear.items()]
     was_training = model.training
     model.eval()
     try:
         count = 0
-        for batch in batches:
+        for batch in tqdm(batches, desc="activation norms", unit="batch", disable=_no_bar(progress)):
             count += 1
-            if isinstance(batch, Mapping):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            _run_batch(model, batch)
         if count == 0:
             raise ValueError("batches is empty; give at least one calibration batch")
     finally:
@@ -122,6 +160,63 @@ def collect_activation_norms(
             h.remove()
         model.train(was_training)
     return {name: s.sqrt() for name, s in sums.items()}
+
+
+def collect_taylor_importance(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: LossFn,
+    *,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance of every prunable weight, accumulated over ``batches``.
+
+    For each batch ``b`` the loss ``L_b = loss_fn(model, b)`` (a scalar tensor) is
+    differentiated with respect to the target weights, and the score is the mean over
+    batches of ``|W ⊙ ∂L_b/∂W|``: the estimated loss change of removing each weight, per
+    batch, averaged. The absolute value is taken per batch, before averaging, so that a
+    weight whose gradient changes sign between batches still scores as important (summing
+    the gradients first would let them cancel).
+
+    Gradients are taken with :func:`torch.autograd.grad`, so ``.grad`` fields are left
+    untouched; weights that do not require grad are enabled for the call and restored.
+    The model runs in whatever mode it is in (call ``model.eval()`` to turn dropout off).
+    Returns ``{parameter name: fp32 score}`` for the default targets (as
+    :func:`compute_layer_importance`), ready for the mask generator.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn={loss_fn!r} must be a callable (model, batch) -> scalar loss tensor")
+    targets = model_targets(model)
+    if not targets:
+        raise ValueError("the model has no prunable weights (Linear/Conv) to score")
+    weights = [t.weight for t in targets]
+    frozen = [w for w in weights if not w.requires_grad]
+    totals = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    count = 0
+    try:
+        for w in frozen:
+            w.requires_grad_(True)
+        for batch in tqdm(batches, desc="taylor importance", unit="batch", disable=_no_bar(progress)):
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss).__name__)}"
+                )
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(f"loss_fn returned a non-finite loss ({float(loss)}) on batch {count}")
+            # allow_unused: a weight the loss does not reach scores 0 for this batch
+            grads = torch.autograd.grad(loss.reshape(()), weights, allow_unused=True)
+            with torch.no_grad():
+                for total, w, g in zip(totals, weights, grads):
+                    if g is not None:
+                        total.add_((w.detach().float() * g.float()).abs())
+            count += 1
+    finally:
+        for w in frozen:
+            w.requires_grad_(False)
+    if count == 0:
+        raise ValueError("batches is empty; give at least one calibration batch")
+    return {t.name: total.div_(count) for t, total in zip(targets, totals)}
 
 
 def compute_layer_importance(

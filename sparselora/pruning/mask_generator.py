@@ -1,12 +1,17 @@
-"""Pruning masks: unstructured (global or per layer), structured, random and N:M.
+"""Pruning masks: unstructured (global, per layer or per output row), structured, random
+and N:M; gradual pruning schedules.
 
 A mask is a ``torch.bool`` tensor shaped like its weight, ``True`` = kept, keyed by the
 parameter's full name. A comparison group of ``n`` weights loses exactly
 ``round(sparsity * n)``; ties at the cut go lowest flat index first, weights in model order.
+The comparison group is set by ``scope``: every target weight together (``"global"``),
+each weight tensor (``"layer"``, the default), or each output row of each weight
+(``"row"``: the group Wanda compares within).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
@@ -21,9 +26,11 @@ from ._targets import (
     check_sparsity,
     filter_targets,
     model_targets,
+    normalise_mask_keys,
     resolve_sparsity,
     state_dict_targets,
 )
+from .mask_ops import as_bool_mask
 
 __all__ = [
     "MaskGenerator",
@@ -37,10 +44,12 @@ __all__ = [
     "prune_gradually",
     "METHODS",
     "METRICS",
+    "SCOPES",
 ]
 
 METHODS = ("unstructured", "structured", "random")
 METRICS = ("magnitude", "taylor", "wanda")
+SCOPES = ("layer", "global", "row")
 STRUCTURED_NORMS = ("l1", "l2")
 Metric = Union[str, Callable[[nn.Module, str], torch.Tensor]]
 Globs = Union[str, Sequence[str], None]
@@ -64,24 +73,152 @@ def _expand_channels(channel_mask: torch.Tensor, shape: torch.Size, out_dim: int
     return channel_mask.view(view).expand(shape).contiguous()
 
 
+def _resolve_scope(scope: str | None, global_pruning: bool) -> str:
+    """``scope`` if given (it must agree with ``global_pruning``), else what the flag says."""
+    if not isinstance(global_pruning, bool):
+        raise TypeError(f"global_pruning={global_pruning!r} must be True or False")
+    if scope is None:
+        return "global" if global_pruning else "layer"
+    _check_choice(scope, "scope", SCOPES)
+    if global_pruning and scope != "global":
+        raise ValueError(f"global_pruning=True contradicts scope={scope!r}; give only scope=")
+    return scope
+
+
+def _prior_keep(
+    previous_masks: Mapping[str, torch.Tensor] | None, targets: Sequence[Target], chosen: Sequence[Target]
+) -> dict[str, torch.Tensor]:
+    """Previous keep-masks of the ``chosen`` targets, as bool tensors on their weights' devices."""
+    if previous_masks is None:
+        return {}
+    resolved = normalise_mask_keys(previous_masks, {t.name: t.weight for t in targets}, "previous_masks")
+    chosen_names = {t.name: t for t in chosen}
+    prior: dict[str, torch.Tensor] = {}
+    for name, raw in resolved.items():
+        mask = as_bool_mask(raw, f"previous_masks[{name!r}]")
+        if name not in chosen_names:
+            if not bool(mask.all()):
+                raise ValueError(
+                    f"previous_masks prunes weights of {name!r}, which this sparsity leaves dense; "
+                    "those weights would grow back"
+                )
+            continue
+        prior[name] = mask.to(chosen_names[name].weight.device)
+    return prior
+
+
+def _select_within(
+    group: Sequence[torch.Tensor],
+    priors: Sequence[torch.Tensor | None],
+    k: int,
+    absolute: bool,
+    label: str,
+) -> list[torch.Tensor]:
+    """Keep-masks of a group losing exactly ``k``, where weights pruned by ``priors`` stay
+    pruned: they count towards ``k`` and the rest is chosen among the weights still kept."""
+    already = sum(int((~p).sum()) for p in priors if p is not None)
+    if already > k:
+        raise ValueError(
+            f"previous_masks already prune {already} weights of {label}, more than the {k} this "
+            "sparsity prunes; a smaller mask would regrow pruned weights"
+        )
+    alive = [s.reshape(-1) if p is None else s.reshape(-1)[p.reshape(-1)] for s, p in zip(group, priors)]
+    # the alive weights keep their flat order, so ties still go lowest flat index first
+    kept = ops.select_prune_mask(alive, k - already, absolute=absolute)
+    masks = []
+    for score, prior, keep in zip(group, priors, kept):
+        if prior is None:
+            masks.append(keep.view(score.shape))
+            continue
+        full = prior.reshape(-1).clone()
+        full[prior.reshape(-1)] = keep
+        masks.append(full.view(score.shape))
+    return masks
+
+
+# rows sorted at once in row scope: bounds the int64 sort indices to 32 MiB per chunk
+_ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_mask(
+    score: torch.Tensor,
+    out_dim: int,
+    sparsity: float,
+    prior: torch.Tensor | None,
+    absolute: bool,
+    name: str,
+) -> torch.Tensor:
+    """Keep-mask pruning exactly ``round(sparsity · row length)`` in every output row.
+
+    A row is every weight sharing one output index (a Linear row, a Conv filter). Ties go
+    lowest flat index first (stable sort); weights pruned by ``prior`` are pruned first.
+    """
+    rows = score.detach().movedim(out_dim, 0)
+    shape = rows.shape
+    rows = rows.reshape(shape[0], -1)
+    n_out, n_in = rows.shape
+    k = ops.prune_count(n_in, sparsity)
+    # fp16/bf16/fp32 are exact in fp32, as in the ops' comparisons
+    key = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    if absolute:
+        key = key.abs()
+    bad = ~torch.isfinite(key)
+    prior_rows = None
+    if prior is not None:
+        prior_rows = prior.movedim(out_dim, 0).reshape(n_out, n_in)
+        bad &= prior_rows
+        already = (~prior_rows).sum(1)
+        worst = int(already.argmax()) if n_out else 0
+        if n_out and int(already[worst]) > k:
+            raise ValueError(
+                f"previous_masks already prune {int(already[worst])} weights of row {worst} of {name!r}, "
+                f"more than the {k} per row this sparsity prunes; a smaller mask would regrow pruned weights"
+            )
+    if bool(bad.any()):
+        raise ValueError(f"scores of {name!r} contain {int(bad.sum())} NaN or inf values; scores must be finite")
+    if prior_rows is not None:
+        # below every finite score: the stable sort puts the already-pruned weights first
+        key = key.masked_fill(~prior_rows, float("-inf"))
+    keep = torch.ones((n_out, n_in), dtype=torch.bool, device=score.device)
+    if k:
+        chunk = max(1, _ROW_CHUNK_ELEMENTS // max(n_in, 1))
+        for start in range(0, n_out, chunk):
+            order = torch.sort(key[start : start + chunk], dim=1, stable=True).indices[:, :k]
+            keep[start : start + chunk].scatter_(1, order, False)
+    return keep.reshape(shape).movedim(0, out_dim).contiguous()
+
+
 def masks_from_scores(
     targets: Sequence[Target],
     sparsities: Mapping[str, float],
     scores: Mapping[str, torch.Tensor] | None = None,
     *,
     global_pruning: bool = False,
+    scope: str | None = None,
     structured: bool = False,
     structured_norm: str = "l2",
+    previous_masks: Mapping[str, torch.Tensor] | None = None,
     progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Masks for ``targets`` from their ``scores`` (magnitude of the weights when None).
 
-    Each target in ``sparsities`` is pruned; ``global_pruning`` ranks them together (one
-    threshold; all must share one sparsity), otherwise each is its own group.
-    ``structured`` ranks whole output channels by the L1/L2 norm of their scores.
+    Each target in ``sparsities`` is pruned. ``scope`` sets the comparison groups:
+    ``"layer"`` (each target alone), ``"global"`` (all together, one threshold; they must
+    share one sparsity) or ``"row"`` (each output row of each target); when None,
+    ``global_pruning`` picks ``"global"`` or ``"layer"``. ``structured`` ranks whole output
+    channels by the L1/L2 norm of their scores (not with ``scope="row"``).
+    ``previous_masks``: weights they prune stay pruned and count towards each group's
+    exact ``round(s·n)`` (unstructured only).
     """
+    scope = _resolve_scope(scope, global_pruning)
+    if structured and scope == "row":
+        raise ValueError("scope='row' ranks weights within each output row; structured masks remove whole "
+                         "rows: use scope='layer' or 'global'")
+    if structured and previous_masks is not None:
+        raise ValueError("previous_masks works with unstructured and random masks, not structured=True")
     chosen = [t for t in targets if t.name in sparsities]
     absolute = scores is None  # magnitude: read |w| straight from the weight
+    prior = _prior_keep(previous_masks, targets, chosen)
 
     def score_of(t: Target) -> torch.Tensor:
         s = t.weight.detach() if scores is None else scores[t.name]
@@ -91,19 +228,29 @@ def masks_from_scores(
         return _expand_channels(mask, t.weight.shape, t.out_dim) if structured else mask
 
     masks: dict[str, torch.Tensor] = {}
-    if global_pruning and chosen:
+    if scope == "global" and chosen:
         values = {sparsities[t.name] for t in chosen}
         if len(values) != 1:
             raise ValueError("global_pruning=True needs one sparsity for every weight; got a per-layer mapping")
         group = [score_of(t) for t in chosen]
         k = ops.prune_count(sum(g.numel() for g in group), values.pop())
-        # one fused call: the compiled backends read every weight once
-        for t, mask in zip(chosen, ops.select_prune_mask(group, k, absolute=absolute)):
+        if prior:
+            group_masks = _select_within(group, [prior.get(t.name) for t in chosen], k, absolute, "the global group")
+        else:
+            # one fused call: the compiled backends read every weight once
+            group_masks = ops.select_prune_mask(group, k, absolute=absolute)
+        for t, mask in zip(chosen, group_masks):
             masks[t.name] = finish(t, mask)
         return masks
     for t in tqdm(chosen, desc="masks", unit="tensor", disable=_no_bar(progress)):
         g = score_of(t)
-        (mask,) = ops.select_prune_mask([g], ops.prune_count(g.numel(), sparsities[t.name]), absolute=absolute)
+        if scope == "row":
+            mask = _row_mask(g, t.out_dim, sparsities[t.name], prior.get(t.name), absolute, t.name)
+        elif t.name in prior:
+            k = ops.prune_count(g.numel(), sparsities[t.name])
+            (mask,) = _select_within([g], [prior[t.name]], k, absolute, repr(t.name))
+        else:
+            (mask,) = ops.select_prune_mask([g], ops.prune_count(g.numel(), sparsities[t.name]), absolute=absolute)
         masks[t.name] = finish(t, mask)
     return masks
 
@@ -133,12 +280,22 @@ class MaskGenerator:
         importance_metric: ``"magnitude"``, ``"taylor"`` (needs ``.grad``), ``"wanda"``
             (needs ``calibration_data`` or ``activation_norms``), or a callable
             ``(module, name) -> Tensor``.
-        global_pruning: rank all targets together (one threshold) instead of per layer.
+        global_pruning: rank all targets together (one threshold) instead of per layer;
+            the same as ``scope="global"``.
+        scope: the comparison group losing exactly ``round(s·n)``: ``"layer"`` (each
+            weight tensor, the default), ``"global"`` (all targets, one threshold) or
+            ``"row"`` (each output row of each weight, or output channel of a Conv: the
+            group Wanda compares within). ``"row"`` is for unstructured and random masks.
         structured_norm: ``"l1"`` or ``"l2"`` norm ranking channels in structured mode.
         include / exclude: globs over parameter or module names narrowing the targets.
         seed: seed of the random method.
-        calibration_data: iterable of batches for ``"wanda"``.
+        calibration_data: iterable of batches for ``"wanda"``, or for ``"taylor"`` with
+            ``loss_fn``.
         activation_norms: precomputed input-feature norms for ``"wanda"``.
+        loss_fn: ``(model, batch) -> scalar loss``; with ``importance_metric="taylor"`` the
+            scores are accumulated over ``calibration_data`` by
+            :func:`~sparselora.pruning.importance.collect_taylor_importance` (mean of the
+            per-batch ``|W ⊙ ∂L_b/∂W|``) instead of read from the current ``.grad``.
         progress: show a progress bar (None: only on a terminal).
     """
 
@@ -150,12 +307,14 @@ class MaskGenerator:
         importance_metric: Metric = "magnitude",
         *,
         global_pruning: bool = False,
+        scope: str | None = None,
         structured_norm: str = "l2",
         include: Globs = None,
         exclude: Globs = None,
         seed: int = 0,
         calibration_data: Iterable | None = None,
         activation_norms: Mapping[str, torch.Tensor] | None = None,
+        loss_fn: imp.LossFn | None = None,
         progress: bool | None = None,
     ) -> None:
         self.model = model
@@ -164,9 +323,11 @@ class MaskGenerator:
             _check_choice(importance_metric, "importance_metric", METRICS)
         self.importance_metric = importance_metric
         self.structured_norm = _check_choice(structured_norm, "structured_norm", STRUCTURED_NORMS)
-        if not isinstance(global_pruning, bool):
-            raise TypeError(f"global_pruning={global_pruning!r} must be True or False")
-        self.global_pruning = global_pruning
+        self.scope = _resolve_scope(scope, global_pruning)
+        if self.scope == "row" and self.method == "structured":
+            raise ValueError("scope='row' works with method='unstructured' or 'random'; structured masks "
+                             "remove whole rows (use scope='layer' or 'global')")
+        self.global_pruning = self.scope == "global"
         self.targets = filter_targets(model_targets(model), include, exclude)
         if not self.targets:
             raise ValueError("the model has no prunable weights (Linear/Conv) after include/exclude")
@@ -174,9 +335,19 @@ class MaskGenerator:
         self.seed = seed
         self.calibration_data = calibration_data
         self.activation_norms = activation_norms
+        self.loss_fn = loss_fn
         self.progress = progress
         if importance_metric == "wanda" and method != "random" and calibration_data is None and activation_norms is None:
             raise ValueError("importance_metric='wanda' needs calibration_data or activation_norms")
+        if loss_fn is not None:
+            if not callable(loss_fn):
+                raise TypeError(f"loss_fn={loss_fn!r} must be a callable (model, batch) -> scalar loss")
+            if importance_metric != "taylor":
+                raise ValueError(
+                    f"loss_fn is used by importance_metric='taylor' only; got importance_metric={importance_metric!r}"
+                )
+            if calibration_data is None:
+                raise ValueError("loss_fn needs calibration_data= (the batches the loss runs on)")
 
     def _scores(self) -> dict[str, torch.Tensor] | None:
         if self.method == "random":
@@ -184,22 +355,33 @@ class MaskGenerator:
         metric = self.importance_metric
         if metric == "magnitude":
             return None
+        if metric == "taylor" and self.loss_fn is not None:
+            return imp.collect_taylor_importance(
+                self.model, self.calibration_data, self.loss_fn, progress=self.progress
+            )
         norms = self.activation_norms
         if metric == "wanda" and norms is None:
-            norms = imp.collect_activation_norms(self.model, self.calibration_data)
+            norms = imp.collect_activation_norms(self.model, self.calibration_data, progress=self.progress)
         if callable(metric):
             return imp.compute_layer_importance(self.model, method=metric)
         return imp.compute_layer_importance(self.model, method=metric, activation_norms=norms)
 
-    def generate_masks(self) -> dict[str, torch.Tensor]:
-        """Compute and return ``{parameter name: bool mask}`` for every pruned weight."""
+    def generate_masks(self, previous_masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Compute and return ``{parameter name: bool mask}`` for every pruned weight.
+
+        With ``previous_masks``, weights pruned there stay pruned: each group still loses
+        exactly ``round(s·n)``, the pruned ones first, the rest chosen by score among the
+        weights still kept (unstructured and random methods). A ValueError is raised when
+        a group already has more pruned weights than its sparsity allows.
+        """
         return masks_from_scores(
             self.targets,
             self.sparsities,
             self._scores(),
-            global_pruning=self.global_pruning,
+            scope=self.scope,
             structured=self.method == "structured",
             structured_norm=self.structured_norm,
+            previous_masks=previous_masks,
             progress=self.progress,
         )
 
@@ -211,7 +393,8 @@ def compute_unstructured_mask(
     global_pruning: bool = False,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
-    """Element-wise masks; see :class:`MaskGenerator` for the keyword arguments."""
+    """Element-wise masks; see :class:`MaskGenerator` for the keyword arguments
+    (``scope="row"`` for Wanda's per-output-row groups, ``loss_fn`` for multi-batch Taylor)."""
     return MaskGenerator(
         model, sparsity, "unstructured", importance_metric, global_pruning=global_pruning, **kwargs
     ).generate_masks()
@@ -239,9 +422,12 @@ def compute_nm_mask(
     model: nn.Module, n: int = 2, m: int = 4, importance_metric: Metric = "magnitude", **kwargs
 ) -> dict[str, torch.Tensor]:
     """N:M semi-structured masks: in every run of ``m`` consecutive input weights of a row,
-    the ``n`` most important are kept (2:4 is what sparse tensor cores run)."""
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-        raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 < n <= m")
+    the ``n`` most important are kept (2:4 is what sparse tensor cores run).
+
+    Ties go lowest index first. Check a mask with
+    :func:`~sparselora.pruning.mask_ops.validate_nm_mask`."""
+    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 < n <= m (2:4 and 4:8 are common)")
     generator = MaskGenerator(model, 0.0, "unstructured", importance_metric, **kwargs)
     scores = generator._scores()
     masks = {}
@@ -307,38 +493,90 @@ def compute_masks_for_state_dict(
 
 
 def sparsity_schedule(
-    final_sparsity: float, num_steps: int, initial_sparsity: float = 0.0, power: float = 3.0
+    final_sparsity: float,
+    num_steps: int | None = None,
+    initial_sparsity: float = 0.0,
+    power: float = 3.0,
+    *,
+    steps: Sequence[int] | None = None,
 ) -> list[float]:
-    """Gradual pruning schedule from ``initial_sparsity`` to ``final_sparsity`` in ``num_steps``
-    steps, shaped like Zhu & Gupta's cubic ramp (fast at first, slow near the end)."""
+    """Gradual pruning schedule of Zhu & Gupta (2017), one sparsity per pruning step.
+
+    ``s(t) = s_f + (s_i - s_f) · (1 - (t - t_0) / (t_n - t_0)) ** power``: fast at first,
+    slow near the end, exactly ``final_sparsity`` at the last step. Give either
+    ``num_steps`` (pruning at evenly spaced steps ``0 .. num_steps - 1``) or ``steps``, the
+    training steps at which pruning happens, strictly increasing and possibly uneven
+    (``steps=[0, 100, 250, 500]``): the curve is then read at those steps, from
+    ``t_0 = steps[0]`` to ``t_n = steps[-1]``. Non-decreasing when
+    ``initial_sparsity <= final_sparsity``.
+    """
     final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
     initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be an int >= 1")
-    if num_steps == 1:
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < float("inf"):
+        raise ValueError(f"power={power!r} must be a finite number > 0 (3 is Zhu & Gupta's cubic)")
+    if (num_steps is None) == (steps is None):
+        raise ValueError("give exactly one of num_steps= (an int >= 1) and steps= (a list of training steps)")
+    if num_steps is not None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r} must be an int >= 1")
+        points = list(range(num_steps))
+    else:
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps:
+            raise ValueError(f"steps={steps!r} must be a non-empty list of ints")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in steps):
+            raise ValueError(f"steps={list(steps)!r} must hold ints (training step numbers)")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps={list(steps)!r} must be strictly increasing")
+        points = list(steps)
+    if len(points) == 1:
         return [final_sparsity]
+    first, span = points[0], points[-1] - points[0]
     return [
-        final_sparsity + (initial_sparsity - final_sparsity) * (1 - i / (num_steps - 1)) ** power
-        for i in range(num_steps)
+        final_sparsity + (initial_sparsity - final_sparsity) * (1 - (t - first) / span) ** power
+        for t in points
     ]
 
 
 def prune_gradually(
     model: nn.Module,
-    schedule: Sequence[float],
+    schedule: Sequence[SparsitySpec],
     train_fn: Callable[[nn.Module, dict[str, torch.Tensor], int], None] | None = None,
+    *,
+    allow_regrowth: bool = False,
     **mask_kwargs,
 ) -> dict[str, torch.Tensor]:
     """The seed's gradual-pruning loop: for each sparsity in ``schedule``, compute masks,
     zero the pruned weights, call ``train_fn(model, masks, step)``, and re-apply the masks
-    (training must not regrow pruned weights). Returns the last masks."""
+    (training must not regrow pruned weights). Returns the last masks.
+
+    Masks are monotone by default: a weight pruned at one step stays pruned at every later
+    step. Each step keeps the previous mask's pruned weights and prunes the rest of its
+    exact ``round(s·n)`` count among the weights still kept, by score (so the new mask is
+    the old mask AND the new choice, with exact counts). The schedule must then be
+    non-decreasing. ``allow_regrowth=True`` computes every step's mask from scratch, so a
+    pruned weight may return (from zero). ``mask_kwargs`` go to :class:`MaskGenerator`
+    (``importance_metric``, ``scope``, ``calibration_data``, ``loss_fn``, ...).
+    """
     from .mask_ops import apply_masks_to_model  # mask_ops does not import this module
 
+    if isinstance(schedule, (str, bytes, Mapping)) or not isinstance(schedule, Sequence):
+        raise TypeError(f"schedule must be a list of sparsities (see sparsity_schedule), got {schedule!r}")
     if not schedule:
         raise ValueError("schedule is empty; give at least one sparsity (see sparsity_schedule)")
+    if not isinstance(allow_regrowth, bool):
+        raise TypeError(f"allow_regrowth={allow_regrowth!r} must be True or False")
+    if not allow_regrowth:
+        for i in range(1, len(schedule)):
+            before, after = schedule[i - 1], schedule[i]
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after < before:
+                raise ValueError(
+                    f"schedule[{i}]={after!r} is below schedule[{i - 1}]={before!r}: pruned weights stay "
+                    "pruned, so sparsity cannot fall; give a non-decreasing schedule or allow_regrowth=True"
+                )
     masks: dict[str, torch.Tensor] = {}
     for step, sparsity in enumerate(schedule):
-        masks = compute_unstructured_mask(model, sparsity, **mask_kwargs)
+        generator = MaskGenerator(model, sparsity, "unstructured", **mask_kwargs)
+        masks = generator.generate_masks(previous_masks=masks if masks and not allow_regrowth else None)
         apply_masks_to_model(model, masks)
         if train_fn is not None:
             train_fn(model, masks, step)

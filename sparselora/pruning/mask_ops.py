@@ -1,5 +1,5 @@
-"""Mask operations: validate, save/load (.pt, .npz, .safetensors), statistics, plots,
-and applying masks to a model."""
+"""Mask operations: validate (including the N:M pattern), save/load (.pt, .npz,
+.safetensors), statistics, plots, and applying masks to a model."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ._targets import normalise_mask_keys
 
 __all__ = [
     "validate_mask",
+    "validate_nm_mask",
     "save_mask",
     "load_mask",
     "compute_sparsity_stats",
@@ -105,6 +106,53 @@ def validate_mask(
             )
             return False, stats
     return True, stats
+
+
+def validate_nm_mask(
+    masks: torch.Tensor | Mapping[str, torch.Tensor],
+    n: int = 2,
+    m: int = 4,
+    *,
+    out_dim: int | Mapping[str, int] = 0,
+) -> None:
+    """Check that every mask follows the N:M pattern; raise ValueError on the first breach.
+
+    Along the input dimension of each output row (all dimensions but ``out_dim`` of the
+    mask, flattened, as :func:`~sparselora.pruning.mask_generator.compute_nm_mask` reads
+    them), every group of ``m`` consecutive weights must keep exactly ``n``. ``masks`` is
+    one mask or ``{name: mask}``; ``out_dim`` is the output dimension (1 for transformers'
+    ``Conv1D``), one int for all masks or a mapping from name to int (missing names: 0).
+    The error names the layer, the row, the group's columns and how many it keeps.
+    """
+    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 < n <= m (2:4 and 4:8 are common)")
+    if isinstance(masks, (torch.Tensor, np.ndarray)):
+        named: Mapping[str, Any] = {"mask": masks}
+    elif isinstance(masks, Mapping) and masks:
+        named = masks
+    else:
+        raise ValueError(f"masks must be a bool tensor or a non-empty dict of name -> mask, got {type(masks).__name__}")
+    for name, raw in named.items():
+        mask = as_bool_mask(raw, f"masks[{name!r}]")
+        dim = out_dim.get(name, 0) if isinstance(out_dim, Mapping) else out_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -max(mask.dim(), 1) <= dim < max(mask.dim(), 1):
+            raise ValueError(f"out_dim={dim!r} for {name!r} must be a dimension of its {mask.dim()}-D mask")
+        if mask.dim() < 2:
+            raise ValueError(f"{name!r} is a {mask.dim()}-D mask; N:M masks are for weights with >= 2 dims")
+        rows = mask.movedim(dim, 0).reshape(mask.shape[dim], -1)
+        if rows.shape[1] % m:
+            raise ValueError(
+                f"{name!r}: rows have {rows.shape[1]} input weights, not a multiple of m={m}; no {n}:{m} pattern fits"
+            )
+        kept = rows.reshape(rows.shape[0], -1, m).sum(2)
+        wrong = (kept != n).nonzero()
+        if len(wrong):
+            row, group = (int(v) for v in wrong[0])
+            raise ValueError(
+                f"{name!r} breaks the {n}:{m} pattern in {len(wrong)} group(s); first: row {row}, input "
+                f"columns {group * m}..{group * m + m - 1} keep {int(kept[row, group])} of {m} weights "
+                f"(must keep exactly {n})"
+            )
 
 
 def _resolve_format(path: PathLike, format: str | None) -> str:

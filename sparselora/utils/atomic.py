@@ -13,6 +13,16 @@ __all__ = ["atomic_open", "atomic_write_bytes"]
 PathLike = Union[str, os.PathLike]
 
 
+def _mode_for(target: Path) -> int:
+    """The permissions ``open()`` would leave: the old file's, or 0o666 less the umask
+    (mkstemp itself makes 0o600 files)."""
+    with contextlib.suppress(FileNotFoundError):
+        return target.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path`` for binary writing; on success it replaces
@@ -20,8 +30,10 @@ def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"directory {str(target.parent)!r} does not exist (writing {str(target)!r})")
+    mode = _mode_for(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
