@@ -84,8 +84,10 @@ constexpr int64_t kRun = 16;
 // The r_lo-th and r_hi-th smallest (from 0, r_lo <= r_hi) of m keys, reordering them: a
 // histogram of the high halves finds their bins, whose keys are partitioned to the front
 // and selected among. O(m), and no copy of the keys.
-void sample_ranks(uint32_t* keys, int64_t m, int64_t r_lo, int64_t r_hi, uint32_t* at_lo, uint32_t* at_hi) {
-  std::vector<int64_t> counts(kBins, 0);
+// `counts` has room for kBins entries.
+void sample_ranks(uint32_t* keys, int64_t m, int64_t r_lo, int64_t r_hi, uint32_t* at_lo, uint32_t* at_hi,
+                  uint32_t* counts) {
+  std::fill(counts, counts + kBins, 0u);
   for (int64_t i = 0; i < m; ++i) ++counts[keys[i] >> 16];
   auto bin_of = [&](int64_t r, int64_t* rank_in_bin) {
     uint32_t bin = 0;
@@ -110,7 +112,8 @@ void sample_ranks(uint32_t* keys, int64_t m, int64_t r_lo, int64_t r_hi, uint32_
 }
 
 // [lo, hi] that holds the k-th smallest key with overwhelming probability.
-// The sample goes to `scratch` (room for m keys) when given, else to a vector of its own.
+// The sample and its histogram go to `scratch` (room for m + kBins keys) when given, else
+// to a vector of their own.
 void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool absolute, int threads, uint32_t* lo,
              uint32_t* hi, uint32_t* scratch = nullptr, int64_t scratch_room = 0) {
   std::vector<int64_t> starts;  // first flat index of each non-empty tensor
@@ -124,8 +127,8 @@ void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool 
   }
   const int64_t m = sample_size(total);
   std::vector<uint32_t> own;
-  if (scratch_room < m) {
-    own.resize(static_cast<size_t>(m));
+  if (scratch_room < m + kBins) {
+    own.resize(static_cast<size_t>(m + kBins));
     scratch = own.data();
   }
   uint32_t* const sample = scratch;
@@ -157,7 +160,7 @@ void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool 
     *lo = *hi = sample[k - 1];
     return;
   }
-  sample_ranks(sample, m, r_lo, r_hi, lo, hi);
+  sample_ranks(sample, m, r_lo, r_hi, lo, hi, sample + m);
   if (r_lo == 0) *lo = 0u;
   if (r_hi == m - 1) *hi = 0xffffffffu;
 }
@@ -325,7 +328,12 @@ bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_
     quota[w] = std::min(left, workers[w].hist[pivot]);
     left -= quota[w];
   }
-  std::vector<std::vector<uint32_t>> found(one_key ? 0 : n_chunks);
+  // (tensor, index) of each key of the cut's bucket, per worker run, in flat order
+  struct Position {
+    int32_t tensor;
+    int64_t index;
+  };
+  std::vector<std::vector<Position>> found(one_key ? 0 : workers.size());
   parallel_for(n_chunks, threads, [&](int64_t c, int wi) {
     const Chunk& ch = chunks[c];
     uint32_t offsets[kBlock];
@@ -334,7 +342,7 @@ bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_
       const int64_t n = std::min(kBlock, ch.end - begin);
       const int64_t got = settle_bytes(out + begin, n, static_cast<uint8_t>(2 + pivot), &quota[wi],
                                        one_key ? nullptr : offsets);
-      for (int64_t f = 0; f < got; ++f) found[c].push_back(static_cast<uint32_t>(begin - ch.begin + offsets[f]));
+      for (int64_t f = 0; f < got; ++f) found[wi].push_back({ch.tensor, begin + offsets[f]});
     }
   });
   if (one_key) return true;
@@ -342,32 +350,29 @@ bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_
   // several keys in the cut's bucket: resolve them exactly, ties pruned in flat order
   std::vector<uint32_t> keys;
   keys.reserve(static_cast<size_t>(hist[pivot]));
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const Buffer& t = tensors[chunks[c].tensor];
-    dispatch_dtype(t.dtype, [&](auto tag) {
-      for (uint32_t off : found[c])
-        keys.push_back(score_key(load_bits<decltype(tag)::value>(t.data, chunks[c].begin + off), absolute));
-      return 0;
-    });
-  }
+  for (const auto& run : found)
+    for (const Position& at : run) {
+      const Buffer& t = tensors[at.tensor];
+      keys.push_back(dispatch_dtype(t.dtype, [&](auto tag) {
+        return score_key(load_bits<decltype(tag)::value>(t.data, at.index), absolute);
+      }));
+    }
   std::vector<uint32_t> sorted(keys);
   std::nth_element(sorted.begin(), sorted.begin() + (need - 1), sorted.end());
   const uint32_t cut = sorted[need - 1];
   int64_t ties = need;
   for (uint32_t key : keys) ties -= key < cut;
-  size_t at = 0;
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    uint8_t* out = static_cast<uint8_t*>(outs[chunks[c].tensor]) + chunks[c].begin;
-    for (uint32_t off : found[c]) {
-      const uint32_t key = keys[at++];
+  size_t next = 0;
+  for (const auto& run : found)
+    for (const Position& at : run) {
+      const uint32_t key = keys[next++];
       bool keep = key > cut;
       if (key == cut) {
         keep = ties <= 0;
         ties -= !keep;
       }
-      out[off] = keep;
+      static_cast<uint8_t*>(outs[at.tensor])[at.index] = keep;
     }
-  }
   return true;
 }
 
@@ -552,6 +557,11 @@ int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolut
   const int64_t total = count_total(tensors);
   if (outs.size() != tensors.size()) throw std::invalid_argument("one output buffer per tensor is needed");
   if (k < 0 || k > total) throw std::invalid_argument("k must be in [0, total number of scores]");
+  if (k > 0 && layout == kBoolBytes) {
+    int64_t nonfinite = 0;
+    if (select_bool_masks(tensors, total, k, absolute, outs, threads, &nonfinite)) return nonfinite;
+    return radix_masks(tensors, k, absolute, outs, layout, threads);
+  }
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);
   std::vector<std::vector<Candidate>> found(chunks.size());
   if (k == 0) {  // keep everything; still reject non-finite scores
@@ -563,11 +573,6 @@ int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolut
         static_cast<uint8_t*>(outs[t])[bytes - 1] = static_cast<uint8_t>((1u << (tensors[t].numel & 7)) - 1);
     }
     return pass.nonfinite;
-  }
-  if (layout == kBoolBytes) {
-    int64_t nonfinite = 0;
-    if (select_bool_masks(tensors, total, k, absolute, outs, threads, &nonfinite)) return nonfinite;
-    return radix_masks(tensors, k, absolute, outs, layout, threads);
   }
   uint32_t lo, hi;
   bracket(tensors, total, k, absolute, threads, &lo, &hi);
