@@ -1,11 +1,14 @@
 """Kernel benchmarks, measured side by side in one run, printed as a ratio table.
 
-    python benchmarks/kernels.py                  # full sizes (~100M weights), ~1 min
+    python benchmarks/kernels.py                  # full sizes (~100M weights), ~2.5 min
     python benchmarks/kernels.py --quick          # small sizes, seconds
     python benchmarks/kernels.py --json out.json  # also write the numbers
 
-Every case runs in its own subprocess so that its peak RSS is its own; "extra memory" is
-the peak RSS during the operation minus the RSS with the inputs already in memory.
+Each group of cases runs in its own subprocess. Inside it, "extra memory" is the peak RSS
+of a case's first run minus the RSS with the inputs already in memory; then the cases that
+are compared by a ratio (the mask and one read of the weights; the merge and its
+baselines; the train steps) run in turn, round after round, so that drift in the speed of a
+shared machine falls on all of them alike. Times are medians.
 """
 
 from __future__ import annotations
@@ -45,22 +48,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def timed(fn, repeat: int) -> tuple[float, int]:
-    """(median wall time of ``repeat`` runs, extra peak RSS of the first run).
-
-    The first run is also the warm-up; memory is read from it alone, before the
-    allocator's reuse of freed buffers blurs the picture.
-    """
-    reset_peak_rss()  # setup temporaries must not count
-    before = rss_bytes()
-    fn()
-    extra = peak_rss_bytes() - before
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def timed_in_turn(fns: dict, repeat: int) -> dict:
+    """``timed`` for several functions in one process: each one's extra peak RSS from its
+    first run, then ``repeat`` rounds that run them in turn, so that drift in the speed of
+    a shared machine falls on all of them alike, each one starting from an idle machine
+    as it would alone. {name: {"seconds", "extra_bytes"}}."""
+    extra = {}
+    for name, fn in fns.items():
+        reset_peak_rss()
+        before = rss_bytes()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), extra
+        extra[name] = peak_rss_bytes() - before
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            time.sleep(0.05)  # torch's OpenMP workers spin a while after an op: let them idle
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"seconds": statistics.median(times[name]), "extra_bytes": extra[name]} for name in fns}
 
 
 def model(layers: int, side: int, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
@@ -72,16 +78,15 @@ def model(layers: int, side: int, dtype: torch.dtype = torch.float32) -> torch.n
 # --- cases: each returns {"seconds": ..., "extra_bytes": ...} measured in this process ---
 
 
-def case_mask(method: str, dtype_name: str, layers: int, side: int, repeat: int) -> dict:
-    net = model(layers, side, getattr(torch, dtype_name))
+def mask_runner(method: str, net: torch.nn.Sequential):
     weights = [m.weight for m in net]
     if method == "sparselora":
         from sparselora.pruning.mask_generator import compute_unstructured_mask
 
-        run = lambda: compute_unstructured_mask(net, 0.5, global_pruning=True, progress=False)  # noqa: E731
-    elif method == "torch_sum":
-        run = lambda: sum(float(w.detach().sum()) for w in weights)  # noqa: E731
-    elif method == "kthvalue":
+        return lambda: compute_unstructured_mask(net, 0.5, global_pruning=True, progress=False)
+    if method == "torch_sum":
+        return lambda: sum(float(w.detach().sum()) for w in weights)
+    if method == "kthvalue":
 
         def run():
             flat = torch.cat([w.detach().abs().reshape(-1) for w in weights])
@@ -89,7 +94,8 @@ def case_mask(method: str, dtype_name: str, layers: int, side: int, repeat: int)
             threshold = torch.kthvalue(flat, k).values
             return [w.detach().abs() > threshold for w in weights]
 
-    elif method == "global_unstructured":
+        return run
+    if method == "global_unstructured":
         import torch.nn.utils.prune as prune
 
         def run():
@@ -100,14 +106,22 @@ def case_mask(method: str, dtype_name: str, layers: int, side: int, repeat: int)
                 prune.remove(m, "weight")
             return masks
 
-    else:
-        raise ValueError(method)
-    seconds, extra = timed(run, repeat)
-    return {"seconds": seconds, "extra_bytes": extra, "weight_bytes": sum(w.numel() * w.element_size() for w in weights),
-            "numel": sum(w.numel() for w in weights)}
+        return run
+    raise ValueError(method)
 
 
-def case_merge(method: str, dtype_name: str, side: int, repeat: int) -> dict:
+def case_mask(methods: str, dtype_name: str, layers: int, side: int, repeat: int) -> dict:
+    """Comma-separated methods, timed in turn in this process."""
+    net = model(layers, side, getattr(torch, dtype_name))
+    weights = [m.weight for m in net]
+    results = timed_in_turn({m: mask_runner(m, net) for m in methods.split(",")}, repeat)
+    for r in results.values():
+        r.update(weight_bytes=sum(w.numel() * w.element_size() for w in weights), numel=sum(w.numel() for w in weights))
+    return results
+
+
+def case_merge(dtype_name: str, side: int, repeat: int) -> dict:
+    """Ours and both baselines, each on its own copy of W, timed in turn in this process."""
     from sparselora import ops
 
     dtype = getattr(torch, dtype_name)
@@ -116,15 +130,13 @@ def case_merge(method: str, dtype_name: str, side: int, repeat: int) -> dict:
     A = torch.randn(16, side, generator=gen).to(dtype)
     B = torch.randn(side, 16, generator=gen).to(dtype)
     M = torch.rand(side, side, generator=gen) > 0.5
-    if method == "sparselora":
-        run = lambda: ops.merge_lora_(W, A, B, 0.5, M)  # noqa: E731
-    elif method == "baseline":
-        run = lambda: W.addmm_(B, A, alpha=0.5).mul_(M)  # noqa: E731
-    else:  # the same baseline with the mask kept as floats in W's dtype
-        F = M.to(dtype)
-        run = lambda: W.addmm_(B, A, alpha=0.5).mul_(F)  # noqa: E731
-    seconds, extra = timed(run, repeat)
-    return {"seconds": seconds, "extra_bytes": extra}
+    F = M.to(dtype)  # the baseline's mask kept as floats in W's dtype
+    w_ours, w_bool, w_float = W.clone(), W.clone(), W.clone()
+    return timed_in_turn({
+        "sparselora": lambda: ops.merge_lora_(w_ours, A, B, 0.5, M),
+        "baseline": lambda: w_bool.addmm_(B, A, alpha=0.5).mul_(M),
+        "float_mask": lambda: w_float.addmm_(B, A, alpha=0.5).mul_(F),
+    }, repeat)
 
 
 def train_model(method: str, side: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -198,9 +210,10 @@ def main() -> None:
 
     results["global_mask"] = {}
     for dtype in ("float32", "bfloat16"):
-        mask = {m: measure("mask", m, dtype, layers, side, repeat) for m in ("sparselora", "torch_sum", "kthvalue")}
+        mask = measure("mask", "sparselora,torch_sum", dtype, layers, side, 3 * repeat)
+        mask["kthvalue"] = measure("mask", "kthvalue", dtype, layers, side, repeat)["kthvalue"]
         if not args.skip_global_unstructured:
-            mask["global_unstructured"] = measure("mask", "global_unstructured", dtype, layers, side, 1)
+            mask["global_unstructured"] = measure("mask", "global_unstructured", dtype, layers, side, 1)["global_unstructured"]
         ours = mask["sparselora"]
         weight_bytes, mask_bytes = ours["weight_bytes"], ours["numel"]
         print(f"\nglobal 50% magnitude mask, {layers} x Linear({side}, {side}) {dtype} = {ours['numel'] / 1e6:.1f}M weights")
@@ -225,7 +238,8 @@ def main() -> None:
           f"{'extra RSS ours / bool baseline':>34}")
     results["merge"] = {}
     for dtype in ("float32", "bfloat16"):
-        o, b, f = (measure("merge", m, dtype, merge_side, repeat) for m in ("sparselora", "baseline", "float_mask"))
+        merged = measure("merge", dtype, merge_side, 3 * repeat)
+        o, b, f = merged["sparselora"], merged["baseline"], merged["float_mask"]
         results["merge"][dtype] = {"sparselora": o, "baseline_bool_mask": b, "baseline_float_mask": f,
                                    "speedup": b["seconds"] / o["seconds"], "speedup_float_mask": f["seconds"] / o["seconds"]}
         print(f"{dtype:<10}{o['seconds'] * 1e3:>10.1f}ms{b['seconds'] * 1e3:>10.1f}ms{b['seconds'] / o['seconds']:>9.1f}x"
