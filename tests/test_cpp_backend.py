@@ -130,6 +130,13 @@ def test_large_inputs_take_every_path(monkeypatch, kind, dtype, absolute):
             again = on("cpp", monkeypatch, ops.select_prune_mask, [score, score[:999]], k, absolute=absolute)
             assert torch.equal(ref[0], again[0]) and torch.equal(ref[1], again[1])
         monkeypatch.undo()
+        was = cpp._C.simd_enabled()
+        try:  # the portable twins of the pass and the sweep
+            cpp._C.set_simd(False)
+            portable = on("cpp", monkeypatch, ops.select_prune_mask, [score, score[:999]], k, absolute=absolute)
+        finally:
+            cpp._C.set_simd(was)
+        assert torch.equal(ref[0], portable[0]) and torch.equal(ref[1], portable[1])
 
 
 def test_more_than_2_31_elements_in_total():
