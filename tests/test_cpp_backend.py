@@ -287,6 +287,7 @@ def test_masked_lora_linear_forward_and_gradients(monkeypatch, dtype, with_weigh
 def test_stacked_square_layers_share_a_workspace_safely(monkeypatch):
     """Square layers reuse one buffer for W_eff and for G = dYᵀX; a chain of them must still
     give the reference's outputs and gradients."""
+    cpp.release_workspaces()  # earlier tests may have left buffers of other shapes
     gen = torch.Generator().manual_seed(11)
     side, r, layers = 32, 4, 3
     weights = [torch.randn(side, side, generator=gen) for _ in range(layers)]
@@ -307,6 +308,8 @@ def test_stacked_square_layers_share_a_workspace_safely(monkeypatch):
 
     for got, want in zip(run("cpp"), run("reference")):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert cpp.release_workspaces() == side * side * 4  # one fp32 buffer served every layer
+    assert cpp.release_workspaces() == 0
 
 
 def _child_selects(queue):

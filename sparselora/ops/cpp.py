@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ._dispatch import register
 from ._types import PruneThreshold
 
-__all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply_packed_mask_"]
+__all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply_packed_mask_", "release_workspaces"]
 
 CPP_PRIORITY = 10
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -169,6 +169,15 @@ def _workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     if key not in cache:
         cache[key] = torch.empty(rows, cols, dtype=dtype)
     return cache[key]
+
+
+def release_workspaces() -> int:
+    """Free this thread's sparse_to_sparse workspaces (they are rebuilt on the next call);
+    returns the bytes released."""
+    cache = getattr(_workspaces, "buffers", None) or {}
+    released = sum(t.numel() * t.element_size() for t in cache.values())
+    cache.clear()
+    return released
 
 
 def _merge_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
