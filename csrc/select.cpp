@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 
+
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -80,13 +81,14 @@ uint32_t key_at(const std::vector<Buffer>& tensors, const std::vector<int64_t>& 
 
 int64_t sample_size(int64_t total) { return total <= kBins ? total : std::max<int64_t>(kBins, total >> 7); }
 constexpr int64_t kRun = 16;
+constexpr int64_t kAheadRuns = 8;
 
-// The r_lo-th and r_hi-th smallest (from 0, r_lo <= r_hi) of m keys, reordering them: a
-// histogram of the high halves finds their bins, whose keys are partitioned to the front
-// and selected among. O(m), and no copy of the keys.
-// `counts` has room for kBins entries.
-void sample_ranks(uint32_t* keys, int64_t m, int64_t r_lo, int64_t r_hi, uint32_t* at_lo, uint32_t* at_hi,
-                  uint32_t* counts) {
+// The r_lo-th and r_hi-th smallest (from 0, r_lo <= r_hi) of m keys: a histogram of the
+// high halves finds their bins, whose few keys are gathered and selected among. `work`
+// has room for kBins counts and the keys of both bins (at most m).
+void sample_ranks(const uint32_t* keys, int64_t m, int64_t r_lo, int64_t r_hi, uint32_t* at_lo, uint32_t* at_hi,
+                  uint32_t* work) {
+  uint32_t* counts = work;
   std::fill(counts, counts + kBins, 0u);
   for (int64_t i = 0; i < m; ++i) ++counts[keys[i] >> 16];
   auto bin_of = [&](int64_t r, int64_t* rank_in_bin) {
@@ -97,23 +99,25 @@ void sample_ranks(uint32_t* keys, int64_t m, int64_t r_lo, int64_t r_hi, uint32_
   };
   int64_t in_lo, in_hi;
   const uint32_t bin_lo = bin_of(r_lo, &in_lo), bin_hi = bin_of(r_hi, &in_hi);
-  uint32_t* const end = keys + m;
-  uint32_t* lo_end = std::partition(keys, end, [bin_lo](uint32_t key) { return (key >> 16) == bin_lo; });
-  std::nth_element(keys, keys + in_lo, lo_end);
-  *at_lo = keys[in_lo];
-  if (bin_hi == bin_lo) {
-    std::nth_element(keys, keys + in_hi, lo_end);
-    *at_hi = keys[in_hi];
-    return;
+  uint32_t* lo_keys = work + kBins;
+  uint32_t* hi_keys = lo_keys + counts[bin_lo];
+  int64_t n_lo = 0, n_hi = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const uint32_t bin = keys[i] >> 16;
+    if (bin == bin_lo) lo_keys[n_lo++] = keys[i];
+    else if (bin == bin_hi) hi_keys[n_hi++] = keys[i];
   }
-  uint32_t* hi_end = std::partition(lo_end, end, [bin_hi](uint32_t key) { return (key >> 16) == bin_hi; });
-  std::nth_element(lo_end, lo_end + in_hi, hi_end);
-  *at_hi = lo_end[in_hi];
+  std::nth_element(lo_keys, lo_keys + in_lo, lo_keys + n_lo);
+  *at_lo = lo_keys[in_lo];
+  uint32_t* in = bin_hi == bin_lo ? lo_keys : hi_keys;
+  const int64_t n_in = bin_hi == bin_lo ? n_lo : n_hi;
+  std::nth_element(in, in + in_hi, in + n_in);
+  *at_hi = in[in_hi];
 }
 
 // [lo, hi] that holds the k-th smallest key with overwhelming probability.
-// The sample and its histogram go to `scratch` (room for m + kBins keys) when given, else
-// to a vector of their own.
+// The sample and the work of sample_ranks go to `scratch` (room for 2m + kBins keys) when
+// given, else to a vector of their own.
 void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool absolute, int threads, uint32_t* lo,
              uint32_t* hi, uint32_t* scratch = nullptr, int64_t scratch_room = 0) {
   std::vector<int64_t> starts;  // first flat index of each non-empty tensor
@@ -127,18 +131,28 @@ void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool 
   }
   const int64_t m = sample_size(total);
   std::vector<uint32_t> own;
-  if (scratch_room < m + kBins) {
-    own.resize(static_cast<size_t>(m + kBins));
+  if (scratch_room < 2 * m + kBins) {
+    own.resize(static_cast<size_t>(2 * m + kBins));
     scratch = own.data();
   }
   uint32_t* const sample = scratch;
   // runs of kRun neighbours: one cache line and one page walk serve kRun keys
   const int64_t runs = (m + kRun - 1) / kRun;
+  auto first_of = [&](int64_t run) { return static_cast<int64_t>((static_cast<double>(run) * total) / runs); };
+  auto tensor_of = [&](int64_t pos) {
+    return static_cast<int>(std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin()) - 1;
+  };
   parallel_for(runs, threads, [&](int64_t run, int) {
-    const int64_t first = static_cast<int64_t>((static_cast<double>(run) * total) / runs);
+    // each run is a cache miss and a page walk: start the one kAheadRuns later now
+    if (run + kAheadRuns < runs) {
+      const int64_t later = first_of(run + kAheadRuns);
+      const int u = tensor_of(later);
+      __builtin_prefetch(static_cast<const char*>(nonempty[u].data) + (later - starts[u]) * dtype_size(nonempty[u].dtype));
+    }
+    const int64_t first = first_of(run);
     const int64_t count = std::min(kRun, m - run * kRun);
     uint32_t* dst = sample + run * kRun;
-    int t = static_cast<int>(std::upper_bound(starts.begin(), starts.end(), first) - starts.begin()) - 1;
+    int t = tensor_of(first);
     const int64_t inside = std::min(count, starts[t] + nonempty[t].numel - first);
     dispatch_dtype(nonempty[t].dtype, [&](auto tag) {
       for (int64_t j = 0; j < inside; ++j)
