@@ -136,7 +136,9 @@ inline auto dispatch_dtype(int dtype, F&& f) {
 inline int clamp_threads(int threads) { return threads < 1 ? 1 : threads; }
 
 // Runs body(i, worker) for every i in [0, n), split into `threads` contiguous ranges
-// (worker 0 is the calling thread). std::thread rather than OpenMP: a process forked
+// (worker 0 is the calling thread), i ascending within each. Callers rely on this static
+// split: two calls with the same n and threads give worker w the same range, so counts
+// made per worker in one pass can steer tie quotas in flat order in the next. std::thread rather than OpenMP: a process forked
 // after a kernel ran (multiprocessing's default on Linux) must still be able to run one.
 template <typename F>
 void parallel_for(int64_t n, int threads, F&& body) {

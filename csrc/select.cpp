@@ -138,7 +138,10 @@ void bracket(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool 
   uint32_t* const sample = scratch;
   // runs of kRun neighbours: one cache line and one page walk serve kRun keys
   const int64_t runs = (m + kRun - 1) / kRun;
-  auto first_of = [&](int64_t run) { return static_cast<int64_t>((static_cast<double>(run) * total) / runs); };
+  // a sample of everything reads every key once; otherwise runs are spread evenly
+  auto first_of = [&](int64_t run) {
+    return m == total ? run * kRun : static_cast<int64_t>((static_cast<double>(run) * total) / runs);
+  };
   auto tensor_of = [&](int64_t pos) {
     return static_cast<int>(std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin()) - 1;
   };
@@ -582,7 +585,7 @@ int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolut
     const BracketPass pass = bracket_pass(tensors, chunks, absolute, 0, 0, nullptr, layout, -1, found, threads);
     for (size_t t = 0; t < tensors.size(); ++t) {
       const int64_t bytes = layout == kBoolBytes ? tensors[t].numel : (tensors[t].numel + 7) / 8;
-      std::memset(outs[t], layout == kBoolBytes ? 1 : 0xff, static_cast<size_t>(bytes));
+      if (bytes) std::memset(outs[t], layout == kBoolBytes ? 1 : 0xff, static_cast<size_t>(bytes));
       if (layout == kPackedBits && (tensors[t].numel & 7))
         static_cast<uint8_t*>(outs[t])[bytes - 1] = static_cast<uint8_t>((1u << (tensors[t].numel & 7)) - 1);
     }
