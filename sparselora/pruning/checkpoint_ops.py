@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..utils.progress import bar_disabled
 from ..utils.safetensors_stream import SafetensorsReader, SafetensorsWriter
 from .checkpoints import Checkpoint
 from .packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
@@ -106,7 +107,7 @@ def apply_masks_to_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     pruned = 0
     try:
-        bar = tqdm(total=len(source.names), desc="apply", unit="tensor", disable=None if progress is None else not progress)
+        bar = tqdm(total=len(source.names), desc="apply", unit="tensor", disable=bar_disabled(progress))
         for file, names in source.files.items():
             reader = SafetensorsReader(file)
             layout = [(n, reader.dtype(n), reader.shape(n)) for n in reader.names]
@@ -151,7 +152,7 @@ def validate_checkpoint_masks(
     mask_file = MaskFile(masks)
     _check_match(source, mask_file)
     per_layer: dict[str, dict[str, Any]] = {}
-    for name in tqdm(mask_file.names, desc="validate", unit="tensor", disable=None if progress is None else not progress):
+    for name in tqdm(mask_file.names, desc="validate", unit="tensor", disable=bar_disabled(progress)):
         mask = mask_file.get(name)
         values = source.read(name)[~mask]
         bad = int((~(values.float().abs() <= tolerance)).sum())

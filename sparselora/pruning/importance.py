@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..utils.progress import bar_disabled
 from ._targets import _is_hf_conv1d, model_targets
 
 __all__ = [
@@ -45,11 +46,6 @@ def _run_batch(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-    # tqdm's disable=None hides the bar when not writing to a TTY
-    return None if progress is None else not progress
 
 
 def _weight_of(layer: Union[nn.Module, torch.Tensor], fn: str) -> torch.Tensor:
@@ -150,7 +146,7 @@ def collect_activation_norms(
     model.eval()
     try:
         count = 0
-        for batch in tqdm(batches, desc="activation norms", unit="batch", disable=_no_bar(progress)):
+        for batch in tqdm(batches, desc="activation norms", unit="batch", disable=bar_disabled(progress)):
             count += 1
             _run_batch(model, batch)
         if count == 0:
@@ -196,7 +192,7 @@ def collect_taylor_importance(
     try:
         for w in frozen:
             w.requires_grad_(True)
-        for batch in tqdm(batches, desc="taylor importance", unit="batch", disable=_no_bar(progress)):
+        for batch in tqdm(batches, desc="taylor importance", unit="batch", disable=bar_disabled(progress)):
             loss = loss_fn(model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(

@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..utils.progress import bar_disabled
 from . import importance as imp
 from ._targets import (
     SparsitySpec,
@@ -242,7 +243,7 @@ def masks_from_scores(
         for t, mask in zip(chosen, group_masks):
             masks[t.name] = finish(t, mask)
         return masks
-    for t in tqdm(chosen, desc="masks", unit="tensor", disable=_no_bar(progress)):
+    for t in tqdm(chosen, desc="masks", unit="tensor", disable=bar_disabled(progress)):
         g = score_of(t)
         if scope == "row":
             mask = _row_mask(g, t.out_dim, sparsities[t.name], prior.get(t.name), absolute, t.name)
@@ -253,11 +254,6 @@ def masks_from_scores(
             (mask,) = ops.select_prune_mask([g], ops.prune_count(g.numel(), sparsities[t.name]), absolute=absolute)
         masks[t.name] = finish(t, mask)
     return masks
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-    # tqdm's disable=None hides the bar when not writing to a TTY
-    return None if progress is None else not progress
 
 
 def _random_scores(targets: Sequence[Target], seed: int) -> dict[str, torch.Tensor]:

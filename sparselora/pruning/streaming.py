@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..utils.progress import bar_disabled
 from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity
 from .checkpoints import Checkpoint, StateDictSource, open_source
 from .packed_masks import PackedMaskWriter, count_kept, write_mask_index
@@ -112,7 +113,7 @@ def stream_masks(
     targets = [t for t in targets if t.name in sparsities]
     numel = {t.name: _numel(source.shape(t.name)) for t in targets}
     mine = ranks.assign(targets, numel.__getitem__)
-    bar = dict(unit="tensor", disable=None if progress is None else not progress)
+    bar = dict(unit="tensor", disable=bar_disabled(progress))
     pruned: dict[str, int] = {}
 
     scratch = source.scratch()  # one read buffer for every tensor of a pass
