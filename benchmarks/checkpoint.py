@@ -21,15 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import peak_rss_bytes  # benchmarks/memory.py
+
 SIDE = 4096
-
-
-def hwm() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
 
 
 def generate(folder: Path, layers: int) -> None:
@@ -65,14 +59,14 @@ def child(kind: str, folder: Path, out: Path) -> dict:
             with open(file, "rb", buffering=0) as handle:
                 while n := handle.readinto(buffer):
                     total += n
-        return {"seconds": time.perf_counter() - start, "peak_rss": hwm(), "bytes": total}
+        return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "bytes": total}
     if kind == "baseline":
-        return {"seconds": 0.0, "peak_rss": hwm()}
+        return {"seconds": 0.0, "peak_rss": peak_rss_bytes()}
     if kind == "stream":
         from sparselora.pruning.streaming import compute_checkpoint_masks
 
         summary = compute_checkpoint_masks(folder, 0.5, out, progress=False, overwrite=True)
-        return {"seconds": time.perf_counter() - start, "peak_rss": hwm(), "pruned": summary["total_pruned"]}
+        return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "pruned": summary["total_pruned"]}
     from safetensors.torch import load_file
 
     from sparselora.pruning._targets import state_dict_targets
@@ -83,7 +77,7 @@ def child(kind: str, folder: Path, out: Path) -> dict:
         state.update(load_file(file))
     targets = state_dict_targets(state)
     masks = masks_from_scores(targets, {t.name: 0.5 for t in targets}, None, global_pruning=True)
-    return {"seconds": time.perf_counter() - start, "peak_rss": hwm(), "pruned": sum(int((~m).sum()) for m in masks.values())}
+    return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "pruned": sum(int((~m).sum()) for m in masks.values())}
 
 
 def measure(kind: str, folder: Path, out: Path) -> dict:

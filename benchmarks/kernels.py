@@ -16,37 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # benchmarks/memory.py
 
 LAYERS, SIDE = 6, 4096  # 6 Linear(4096, 4096): 100.7M fp32 weights
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def reset_peak_rss() -> None:
-    """Make the kernel's high-water mark (VmHWM) restart from the current RSS."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def timed_in_turn(fns: dict, repeat: int) -> dict:
