@@ -30,6 +30,17 @@ def run_cpp(scores, k, absolute, threads, simd, monkeypatch=None):
         C.set_simd(was)
 
 
+def _via_ops(backend, scores, k, absolute):
+    """select_prune_mask through the dispatcher with ``backend`` forced."""
+    os.environ["SPARSELORA_BACKEND"] = backend
+    try:
+        masks = ops.select_prune_mask(scores, k, absolute=absolute)
+        assert ops.last_backend("select_prune_mask") == backend
+        return masks
+    finally:
+        del os.environ["SPARSELORA_BACKEND"]
+
+
 def check(scores, k, absolute, threads=(1, 2, 3, 4), simds=None, via_ops=False):
     if simds is None:
         simds = (True, False) if HAS_SIMD else (False,)
@@ -52,18 +63,7 @@ def check(scores, k, absolute, threads=(1, 2, 3, 4), simds=None, via_ops=False):
                 # the bytes must be 0/1 (no leftover bucket bytes)
                 assert int(b.view(torch.uint8).max()) <= 1 if b.numel() else True
     if via_ops:
-        os.environ["SPARSELORA_BACKEND"] = "cpp"
-        try:
-            got = ops.select_prune_mask(scores, k, absolute=absolute)
-            assert ops.last_backend("select_prune_mask") == "cpp"
-        finally:
-            del os.environ["SPARSELORA_BACKEND"]
-        os.environ["SPARSELORA_BACKEND"] = "reference"
-        try:
-            ref2 = ops.select_prune_mask(scores, k, absolute=absolute)
-            assert ops.last_backend("select_prune_mask") == "reference"
-        finally:
-            del os.environ["SPARSELORA_BACKEND"]
+        got, ref2 = (_via_ops(backend, scores, k, absolute) for backend in ("cpp", "reference"))
         for a, b in zip(ref2, got):
             assert torch.equal(a, b)
 
