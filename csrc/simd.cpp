@@ -46,6 +46,16 @@ int64_t scan_bits_scalar(const uint32_t* bits, int64_t n, bool absolute, uint32_
   return written;
 }
 
+// A key inside the bracket: counts it in its bucket and returns the bucket's mask byte.
+inline uint8_t note_inside(uint32_t key, uint32_t lo, int shift, int64_t* hist, uint32_t* bucket_min,
+                           uint32_t* bucket_max) {
+  const uint32_t bucket = (key - lo) >> shift;
+  ++hist[bucket];
+  bucket_min[bucket] = std::min(bucket_min[bucket], key);
+  bucket_max[bucket] = std::max(bucket_max[bucket], key);
+  return static_cast<uint8_t>(2 + bucket);
+}
+
 void scan_bytes_scalar(const void* data, bool bf16, int64_t n, bool absolute, uint32_t lo, uint32_t hi, int shift,
                        uint8_t* out, int64_t* below, int64_t* above, int64_t* hist, uint32_t* bucket_min,
                        uint32_t* bucket_max, uint32_t* max_abs) {
@@ -63,11 +73,7 @@ void scan_bytes_scalar(const void* data, bool bf16, int64_t n, bool absolute, ui
       out[i] = 1;
       ++a;
     } else {
-      const uint32_t bucket = (key - lo) >> shift;
-      out[i] = static_cast<uint8_t>(2 + bucket);
-      ++hist[bucket];
-      bucket_min[bucket] = std::min(bucket_min[bucket], key);
-      bucket_max[bucket] = std::max(bucket_max[bucket], key);
+      out[i] = note_inside(key, lo, shift, hist, bucket_min, bucket_max);
     }
   }
   *below += b;
@@ -248,11 +254,7 @@ AVX2 void scan_bytes_avx2(const void* data, bool bf16, int64_t n, bool absolute,
       const int64_t j = i + __builtin_ctz(inside);
       const uint32_t u = bf16 ? bf16_to_float_bits(static_cast<const uint16_t*>(data)[j])
                               : static_cast<const uint32_t*>(data)[j];
-      const uint32_t key = score_key(u, absolute), bucket = (key - lo) >> shift;
-      out[j] = static_cast<uint8_t>(2 + bucket);
-      ++hist[bucket];
-      bucket_min[bucket] = std::min(bucket_min[bucket], key);
-      bucket_max[bucket] = std::max(bucket_max[bucket], key);
+      out[j] = note_inside(score_key(u, absolute), lo, shift, hist, bucket_min, bucket_max);
     }
   }
   alignas(32) int32_t lanes[3][8];
