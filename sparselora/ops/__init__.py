@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import cpp, reference  # noqa: F401  - importing registers the backends
+from . import cpp, library, reference  # noqa: F401  - importing registers the backends and custom ops
 from . import triton as _triton_backend  # noqa: F401
+from ._bits import check_keep_mask
 from ._dispatch import BackendUnavailableError, last_backend, registered_backends, resolve
 from ._types import PruneThreshold
 
@@ -102,7 +103,7 @@ def select_prune_mask(
     Ties at the cut are pruned lowest flat index first, tensors in the order given.
     """
     scores = _check_group(scores, k)
-    return resolve("select_prune_mask", scores, k, absolute)(scores, k, absolute)
+    return library.select_prune_mask(scores, k, absolute)
 
 
 def key_histogram(score: torch.Tensor, *, absolute: bool = False, high: int = -1) -> torch.Tensor:
@@ -115,7 +116,7 @@ def key_histogram(score: torch.Tensor, *, absolute: bool = False, high: int = -1
     _check_scores([score], "score")
     if not (isinstance(high, int) and -1 <= high < 65536):
         raise ValueError(f"high={high!r} must be -1 or a 16-bit bucket")
-    return resolve("key_histogram", score, absolute, high)(score, absolute, high)
+    return library.key_histogram(score, absolute, high)
 
 
 def _key_to_float(key: int, absolute: bool) -> float:
@@ -151,17 +152,22 @@ def streaming_threshold(
 
 
 def _check_mask_for(weight: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> None:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask))}")
-    if mask.shape != weight.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}; the weight has {tuple(weight.shape)}")
+    check_keep_mask(mask, weight.shape, name)
 
 
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero the pruned entries of ``weight`` in place (NaN and inf included)."""
+    """Zero the pruned entries of ``weight`` in place (NaN and inf included).
+
+    ``mask`` is a bool keep-mask of the weight's shape or its packed bits (uint8,
+    ``ceil(n/8)`` bytes, least significant bit first).
+    """
     _check_mask_for(weight, mask)
     with torch.no_grad():
-        return resolve("apply_mask_", weight, mask)(weight, mask.to(weight.device))
+        library.apply_mask_(weight, mask.to(weight.device))
+    return weight
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_lora(weight, lora_A, lora_B, scaling) -> None:
@@ -174,8 +180,29 @@ def _check_lora(weight, lora_A, lora_B, scaling) -> None:
             f"weight {tuple(weight.shape)} does not match lora_B @ lora_A "
             f"({lora_B.shape[0]}, {lora_A.shape[1]})"
         )
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share one floating dtype "
+            "(float32, float16, bfloat16 or float64)"
+        )
+    if weight is not None and weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight has dtype {weight.dtype}; accepted: float32, float16, bfloat16, float64")
     if not math.isfinite(float(scaling)):
         raise ValueError(f"scaling={scaling!r} must be finite")
+
+
+def _check_compute_dtypes(dtype: torch.dtype, lora_A: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """x, weight and bias in one dtype; adapters in that dtype or in float32 (never a silent cast)."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has {dtype}; x, weight and bias must share a dtype "
+                "(SparseLoRALinear casts them under torch.autocast)"
+            )
+    if lora_A.dtype not in (dtype, torch.float32):
+        raise TypeError(
+            f"the adapters have dtype {lora_A.dtype}; with x in {dtype} they must be {dtype} or float32"
+        )
 
 
 def merge_lora_(
@@ -185,14 +212,16 @@ def merge_lora_(
     scaling: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In place ``W ← (W + scaling·B@A) ⊙ M`` with fp32 accumulation (no mask: dense merge)."""
+    """In place ``W ← (W + scaling·B@A) ⊙ M`` with fp32 accumulation (no mask: dense merge).
+
+    The adapters may be in any floating dtype; ``mask`` is bool or packed bits.
+    """
     _check_lora(weight, lora_A, lora_B, scaling)
     if mask is not None:
         _check_mask_for(weight, mask)
     with torch.no_grad():
-        return resolve("merge_lora_", weight, lora_A, lora_B, scaling, mask)(
-            weight, lora_A.detach(), lora_B.detach(), float(scaling), mask
-        )
+        library.merge_lora_(weight, lora_A.detach(), lora_B.detach(), float(scaling), mask)
+    return weight
 
 
 def masked_lora_weight(
@@ -204,13 +233,12 @@ def masked_lora_weight(
 ) -> torch.Tensor:
     """The effective weight ``(W + scaling·B@A) ⊙ M`` of a sparse_to_sparse layer.
 
-    ``weight=None`` gives the masked delta alone. Differentiable in ``lora_A``/``lora_B``.
+    ``weight=None`` gives the masked delta alone. Differentiable in ``lora_A``/``lora_B``
+    (and ``weight``). The result has the weight's dtype (the adapters' without one).
     """
     _check_lora(weight, lora_A, lora_B, scaling)
-    _check_mask_for(lora_B.new_empty(lora_B.shape[0], lora_A.shape[1]), mask)
-    return resolve("masked_lora_weight", weight, lora_A, lora_B, scaling, mask)(
-        weight, lora_A, lora_B, float(scaling), mask
-    )
+    check_keep_mask(mask, (lora_B.shape[0], lora_A.shape[1]))
+    return library.masked_lora_weight(weight, lora_A, lora_B, float(scaling), mask)
 
 
 def masked_lora_linear(
@@ -221,11 +249,22 @@ def masked_lora_linear(
     scaling: float,
     mask: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """``y = x·((W + scaling·B@A) ⊙ M)ᵀ + b``, differentiable in ``x``, ``lora_A``, ``lora_B``."""
-    _check_lora(weight, lora_A, lora_B, scaling)
-    if x.shape[-1] != lora_A.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features; the layer takes {lora_A.shape[1]}")
-    return resolve("masked_lora_linear", x, weight, lora_A, lora_B, scaling, mask, bias)(
-        x, weight, lora_A, lora_B, float(scaling), mask, bias
-    )
+    """``y = x·((W + scaling·B@A) ⊙ M)ᵀ + b``, differentiable in ``x``, ``lora_A``, ``lora_B``.
+
+    ``x``, ``weight`` and ``bias`` share a dtype; the adapters are in it or in float32.
+    ``transposed=True``: ``weight`` and ``mask`` are stored ``(in, out)`` as transformers'
+    ``Conv1D`` keeps them (the adapters keep the ``nn.Linear`` convention).
+    """
+    _check_lora(None, lora_A, lora_B, scaling)
+    out_features, in_features = lora_B.shape[0], lora_A.shape[1]
+    stored = (in_features, out_features) if transposed else (out_features, in_features)
+    if weight is not None and tuple(weight.shape) != stored:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the adapters: expected {stored}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features; the layer takes {in_features}")
+    _check_compute_dtypes(x.dtype, lora_A, weight=weight, bias=bias)
+    check_keep_mask(mask, stored)
+    return library.masked_lora_linear(x, weight, lora_A, lora_B, float(scaling), mask, bias, bool(transposed))

@@ -76,11 +76,17 @@ def _forced_backend() -> str | None:
     return value
 
 
-def resolve(op: str, *args, **kwargs) -> Callable:
-    """Return the implementation of ``op`` that will run these arguments."""
+def resolve(op: str, *args, allowed: tuple[str, ...] | None = None, **kwargs) -> Callable:
+    """Return the implementation of ``op`` that will run these arguments.
+
+    ``allowed`` narrows the backends tried (the custom operators' default kernel, for
+    devices other than CPU and CUDA, runs the reference alone).
+    """
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
+    if allowed is not None:
+        impls = [i for i in impls if i.backend in allowed]
     forced = _forced_backend()
     if forced is not None:
         chosen = next((i for i in impls if i.backend == forced), None)

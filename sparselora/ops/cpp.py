@@ -145,11 +145,26 @@ def _mask_reason(mask: torch.Tensor | None) -> str | None:
     return None
 
 
+def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(contiguous mask, its layout code): bool bytes, or packed bits (uint8)."""
+    return mask.contiguous(), (_C.BOOL_BYTES if mask.dtype == torch.bool else _C.PACKED_BITS)
+
+
+def _mask_in_place(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    keep, layout = _mask_layout(mask)
+    _C.apply_mask(t.data_ptr(), _DTYPE_CODES[t.dtype], t.numel(), keep.data_ptr(), layout, _threads())
+    return t
+
+
 @register("apply_mask_", "cpp", priority=CPP_PRIORITY, check=_inplace_reason)
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.contiguous()
-    _C.apply_mask(weight.data_ptr(), _DTYPE_CODES[weight.dtype], weight.numel(), mask.data_ptr(), _C.BOOL_BYTES, _threads())
-    return weight
+    return _mask_in_place(weight, mask)
+
+
+@register("masked_copy", "cpp", priority=CPP_PRIORITY,
+          check=lambda t, mask: _first_reason(_IMPORT_ERROR, _tensor_reason(t, "tensor"), _mask_reason(mask)))
+def masked_copy(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _mask_in_place(tensor.contiguous().clone(), mask)
 
 
 _workspaces = threading.local()
@@ -186,16 +201,19 @@ def _merge_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
 
 def _effective_weight(
     weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-    mask: torch.Tensor | None, out: torch.Tensor,
+    mask: torch.Tensor | None, out: torch.Tensor, transposed: bool = False,
 ) -> torch.Tensor:
+    """``out ← (W + s·B@A) ⊙ M`` in one pass; ``transposed``: W, M and out are (in, out)."""
+    if transposed:  # (W_t + s·Aᵀ Bᵀ) ⊙ M_t
+        lora_A, lora_B = lora_B.t(), lora_A.t()
     rows, cols = out.shape
     a = lora_A.detach().float().contiguous()
     b = lora_B.detach().float().contiguous()
-    mask = None if mask is None else mask.contiguous()
+    keep, layout = (None, _C.BOOL_BYTES) if mask is None else _mask_layout(mask)
     base = None if weight is None else weight.detach().contiguous()
     _C.merge_lora(
         0 if base is None else base.data_ptr(), _DTYPE_CODES[out.dtype], rows, cols, a.data_ptr(), b.data_ptr(),
-        a.shape[0], scaling, 0 if mask is None else mask.data_ptr(), _C.BOOL_BYTES, out.data_ptr(), _threads(),
+        a.shape[0], scaling, 0 if keep is None else keep.data_ptr(), layout, out.data_ptr(), _threads(),
     )
     return out
 
@@ -205,101 +223,62 @@ def merge_lora_(weight, lora_A, lora_B, scaling, mask):
     return _effective_weight(weight, lora_A, lora_B, scaling, mask, weight)
 
 
-class _MaskedLoRAWeight(torch.autograd.Function):
-    """W_eff = (W + s·B@A) ⊙ M; gradients for lora_A / lora_B from G = grad ⊙ M."""
-
-    @staticmethod
-    def forward(ctx, weight, lora_A, lora_B, scaling, mask):
-        dtype = lora_A.dtype if weight is None else weight.dtype
-        out = torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype)
-        _effective_weight(weight, lora_A, lora_B, scaling, mask, out)
-        ctx.save_for_backward(lora_A, lora_B, mask)
-        ctx.scaling = scaling
-        ctx.has_weight = weight is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        lora_A, lora_B, mask = ctx.saved_tensors
-        g = grad.contiguous().clone()
-        _C.apply_mask(g.data_ptr(), _DTYPE_CODES[g.dtype], g.numel(), mask.contiguous().data_ptr(), _C.BOOL_BYTES, _threads())
-        d_b = ctx.scaling * (g @ lora_A.t()) if ctx.needs_input_grad[2] else None
-        d_a = ctx.scaling * (lora_B.t() @ g) if ctx.needs_input_grad[1] else None
-        d_w = g if ctx.has_weight and ctx.needs_input_grad[0] else None
-        return d_w, d_a, d_b, None, None
-
-
 def _lora_reason(weight, lora_A, lora_B, scaling, mask, *_args) -> str | None:
     if _C is None:
         return _IMPORT_ERROR
-    reason = _first_reason(
+    return _first_reason(
         _tensor_reason(weight, "weight"), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"),
         _mask_reason(mask),
     )
-    if reason is None and weight is not None and not (weight.dtype == lora_A.dtype == lora_B.dtype):
-        reason = "weight, lora_A and lora_B must share a dtype on the cpp backend"
-    return reason
 
 
 @register("masked_lora_weight", "cpp", priority=CPP_PRIORITY, check=_lora_reason)
 def masked_lora_weight(weight, lora_A, lora_B, scaling, mask):
-    return _MaskedLoRAWeight.apply(weight, lora_A, lora_B, scaling, mask)
+    dtype = lora_A.dtype if weight is None else weight.dtype
+    return _effective_weight(weight, lora_A, lora_B, scaling, mask, torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype))
 
 
-class _MaskedLoRALinear(torch.autograd.Function):
-    """y = x·W_effᵀ + b with W_eff = (W + s·B@A) ⊙ M, built by one fused pass.
-
-    Backward recomputes W_eff instead of keeping an out×in tensor alive between passes;
-    the weight gradient G = (dYᵀX) ⊙ M is one GEMM, then contracted with A and B.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scaling, mask, bias):
-        dtype = lora_A.dtype if weight is None else weight.dtype
-        w_eff = _effective_weight(weight, lora_A, lora_B, scaling, mask,
-                                  _workspace(lora_B.shape[0], lora_A.shape[1], dtype))
-        ctx.save_for_backward(x, weight, lora_A, lora_B, mask)
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        return F.linear(x, w_eff, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, mask = ctx.saved_tensors
-        s = ctx.scaling
-        dy = grad_y.reshape(-1, grad_y.shape[-1])
-        d_x = d_w = d_a = d_b = d_bias = None
-        if ctx.needs_input_grad[0]:
-            w_eff = _effective_weight(weight, lora_A, lora_B, s, mask,
-                                      _workspace(lora_B.shape[0], lora_A.shape[1], dy.dtype))
-            d_x = (dy @ w_eff).view(x.shape)
-        if any(ctx.needs_input_grad[1:4]):
-            # G = dYᵀX in a workspace too, unless it is returned as the weight's gradient
-            g = dy.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else torch.mm(
-                dy.t(), x.reshape(-1, x.shape[-1]), out=_workspace(dy.shape[1], x.shape[-1], dy.dtype))
-            _C.apply_mask(g.data_ptr(), _DTYPE_CODES[g.dtype], g.numel(), mask.contiguous().data_ptr(), _C.BOOL_BYTES, _threads())
-            if ctx.needs_input_grad[3]:
-                d_b = s * (g @ lora_A.t())
-            if ctx.needs_input_grad[2]:
-                d_a = s * (lora_B.t() @ g)
-            if ctx.needs_input_grad[1]:
-                d_w = g
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            d_bias = dy.sum(0)
-        return d_x, d_w, d_a, d_b, None, None, d_bias
+def _stored_shape(lora_A: torch.Tensor, lora_B: torch.Tensor, transposed: bool) -> tuple[int, int]:
+    out_features, in_features = lora_B.shape[0], lora_A.shape[1]
+    return (in_features, out_features) if transposed else (out_features, in_features)
 
 
-def _linear_reason(x, weight, lora_A, lora_B, scaling, mask, bias) -> str | None:
-    reason = _first_reason(_lora_reason(weight, lora_A, lora_B, scaling, mask), _tensor_reason(x, "x"),
-                           _tensor_reason(bias, "bias"))
-    if reason is None and x.dtype != lora_A.dtype:
-        reason = f"x has dtype {x.dtype} but the adapter has {lora_A.dtype}"
-    return reason
+def _linear_reason(x, weight, lora_A, lora_B, scaling, mask, bias, transposed=False) -> str | None:
+    return _first_reason(_lora_reason(weight, lora_A, lora_B, scaling, mask), _tensor_reason(x, "x"),
+                         _tensor_reason(bias, "bias"))
 
 
 @register("masked_lora_linear", "cpp", priority=CPP_PRIORITY, check=_linear_reason)
-def masked_lora_linear(x, weight, lora_A, lora_B, scaling, mask, bias):
-    return _MaskedLoRALinear.apply(x, weight, lora_A, lora_B, scaling, mask, bias)
+def masked_lora_linear(x, weight, lora_A, lora_B, scaling, mask, bias, transposed=False):
+    # the effective weight lives in a workspace for this call only; backward rebuilds it
+    w_eff = _effective_weight(weight, lora_A, lora_B, scaling, mask,
+                              _workspace(*_stored_shape(lora_A, lora_B, transposed), x.dtype), transposed)
+    if transposed:
+        y = x @ w_eff
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, w_eff, bias)
+
+
+@register("masked_lora_input_grad", "cpp", priority=CPP_PRIORITY,
+          check=lambda dy, weight, a, b, s, mask, t: _linear_reason(dy, weight, a, b, s, mask, None))
+def masked_lora_input_grad(dy, weight, lora_A, lora_B, scaling, mask, transposed):
+    w_eff = _effective_weight(weight, lora_A, lora_B, scaling, mask,
+                              _workspace(*_stored_shape(lora_A, lora_B, transposed), dy.dtype), transposed)
+    return dy @ (w_eff.t() if transposed else w_eff)
+
+
+@register("masked_lora_adapter_grad", "cpp", priority=CPP_PRIORITY,
+          check=lambda dy, x, a, b, s, mask, t, wg: _linear_reason(x, None, a, b, s, mask, dy))
+def masked_lora_adapter_grad(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad):
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    lhs, rhs = (x2.t(), dy2) if transposed else (dy2.t(), x2)
+    # G = the stored weight's gradient, masked in place: in a workspace unless it is returned
+    g = lhs @ rhs if weight_grad else torch.mm(lhs, rhs, out=_workspace(lhs.shape[0], rhs.shape[1], dy.dtype))
+    _mask_in_place(g, mask)
+    g_lin = g.t() if transposed else g
+    d_b = (scaling * (g_lin @ lora_A.to(g.dtype).t())).to(lora_B.dtype)
+    d_a = (scaling * (lora_B.to(g.dtype).t() @ g_lin)).to(lora_A.dtype)
+    return d_a, d_b, (g if weight_grad else g.new_empty(0))
 
 
 def _check_packable(mask: torch.Tensor) -> None:

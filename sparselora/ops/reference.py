@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
+from ._bits import as_bool_keep
 from ._types import PruneThreshold, masks_under_threshold
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "merge_lora_",
     "masked_lora_weight",
     "masked_lora_linear",
+    "masked_lora_input_grad",
+    "masked_lora_adapter_grad",
+    "masked_copy",
 ]
 
 REFERENCE_PRIORITY = 0
@@ -82,7 +86,12 @@ def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) ->
 @register("apply_mask_", "reference", priority=REFERENCE_PRIORITY)
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # masked_fill, not mul: a pruned NaN/inf must become 0, not NaN
-    return weight.masked_fill_(~mask, 0)
+    return weight.masked_fill_(~as_bool_keep(mask, weight.shape), 0)
+
+
+@register("masked_copy", "reference", priority=REFERENCE_PRIORITY)
+def masked_copy(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return tensor.masked_fill(~as_bool_keep(mask, tensor.shape), 0)
 
 
 def _accumulate_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -94,7 +103,7 @@ def _merged(weight, lora_A, lora_B, scaling, mask, acc: torch.dtype) -> torch.Te
     merged = scaling * (lora_B.to(acc) @ lora_A.to(acc))
     if weight is not None:
         merged = merged + weight.to(acc)
-    return merged if mask is None else merged.masked_fill(~mask, 0)
+    return merged if mask is None else merged.masked_fill(~as_bool_keep(mask, merged.shape), 0)
 
 
 @register("merge_lora_", "reference", priority=REFERENCE_PRIORITY)
@@ -120,6 +129,14 @@ def masked_lora_weight(
     return _merged(weight, lora_A, lora_B, scaling, mask, _accumulate_dtype(like)).to(like.dtype)
 
 
+def _effective(weight, lora_A, lora_B, scaling, mask, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The effective weight in the stored orientation ((in, out) when ``transposed``)."""
+    if transposed:  # (W_t + s·(BA)ᵀ) ⊙ M_t = (W_t + s·Aᵀ Bᵀ) ⊙ M_t
+        lora_A, lora_B = lora_B.t(), lora_A.t()
+    like = weight if weight is not None else torch.empty(0, dtype=dtype)
+    return _merged(weight, lora_A, lora_B, scaling, mask, _accumulate_dtype(like)).to(dtype)
+
+
 @register("masked_lora_linear", "reference", priority=REFERENCE_PRIORITY)
 def masked_lora_linear(
     x: torch.Tensor,
@@ -129,8 +146,30 @@ def masked_lora_linear(
     scaling: float,
     mask: torch.Tensor,
     bias: torch.Tensor | None,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    return F.linear(x, masked_lora_weight(weight, lora_A, lora_B, scaling, mask), bias)
+    w_eff = _effective(weight, lora_A, lora_B, scaling, mask, transposed, x.dtype)
+    if transposed:
+        y = x @ w_eff
+        return y if bias is None else y + bias
+    return F.linear(x, w_eff, bias)
+
+
+@register("masked_lora_input_grad", "reference", priority=REFERENCE_PRIORITY)
+def masked_lora_input_grad(dy, weight, lora_A, lora_B, scaling, mask, transposed):
+    w_eff = _effective(weight, lora_A, lora_B, scaling, mask, transposed, dy.dtype)
+    return dy @ (w_eff.t() if transposed else w_eff)
+
+
+@register("masked_lora_adapter_grad", "reference", priority=REFERENCE_PRIORITY)
+def masked_lora_adapter_grad(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad):
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    g = x2.t() @ dy2 if transposed else dy2.t() @ x2  # the stored weight's gradient, then masked
+    g = g.masked_fill(~as_bool_keep(mask, g.shape), 0)
+    g_lin = g.t() if transposed else g
+    d_b = (scaling * (g_lin @ lora_A.to(g.dtype).t())).to(lora_B.dtype)
+    d_a = (scaling * (lora_B.to(g.dtype).t() @ g_lin)).to(lora_A.dtype)
+    return d_a, d_b, (g if weight_grad else g.new_empty(0))
 
 
 def _order_keys(score: torch.Tensor, absolute: bool) -> torch.Tensor:

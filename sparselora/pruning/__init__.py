@@ -31,7 +31,12 @@ from .sparse_lora import (
     SparseLoRAConfig,
     SparseLoRALinear,
     apply_sparse_lora,
+    export_peft_adapter,
+    from_peft_adapter,
     merge_all_lora_weights,
+    merge_report,
+    print_trainable_parameters,
+    trainable_parameters,
     validate_sparsity_preserved,
 )
 
@@ -62,4 +67,9 @@ __all__ = [
     "apply_sparse_lora",
     "merge_all_lora_weights",
     "validate_sparsity_preserved",
+    "merge_report",
+    "export_peft_adapter",
+    "from_peft_adapter",
+    "trainable_parameters",
+    "print_trainable_parameters",
 ]

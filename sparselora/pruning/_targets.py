@@ -21,6 +21,9 @@ __all__ = [
     "resolve_sparsity",
     "check_sparsity",
     "normalise_mask_keys",
+    "is_peft_model",
+    "is_hf_conv1d",
+    "refuse_peft_model",
 ]
 
 SparsitySpec = Union[float, Mapping[str, float]]
@@ -40,7 +43,7 @@ class Target:
     out_dim: int = 0  # dimension that indexes output channels / filters
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2) stores its weight as (in, out); matched by name so that
     # transformers stays optional.
     return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), nn.Parameter)
@@ -57,13 +60,14 @@ def model_targets(model: nn.Module) -> list[Target]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_peft_model(model, "mask generation")
     tied = _embedding_weights(model)
     targets, seen = [], set()
     for module_name, module in model.named_modules():
         is_linear = isinstance(module, nn.Linear)
         is_conv = isinstance(module, _CONV_TYPES)
-        is_hf_conv1d = _is_hf_conv1d(module)
-        if not (is_linear or is_conv or is_hf_conv1d):
+        is_conv1d = is_hf_conv1d(module)
+        if not (is_linear or is_conv or is_conv1d):
             continue
         weight = module.weight
         if not isinstance(weight, torch.Tensor) or id(weight) in seen:
@@ -72,7 +76,7 @@ def model_targets(model: nn.Module) -> list[Target]:
             continue
         seen.add(id(weight))
         name = f"{module_name}.weight" if module_name else "weight"
-        targets.append(Target(name, module_name, weight, 1 if is_hf_conv1d else 0))
+        targets.append(Target(name, module_name, weight, 1 if is_conv1d else 0))
     return targets
 
 
@@ -216,3 +220,19 @@ def normalise_mask_keys(
     if bad_shape:
         raise ValueError(f"{arg} shapes differ from their parameters: {'; '.join(bad_shape)}")
     return resolved
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True when PEFT has injected its adapters into ``model`` (a PeftModel or its LoRA layers)."""
+    return any(type(m).__module__.split(".")[0] == "peft" for m in model.modules())
+
+
+def refuse_peft_model(model: nn.Module, what: str) -> None:
+    """Raise a ValueError that says what to do when ``model`` is wrapped by PEFT."""
+    if is_peft_model(model):
+        raise ValueError(
+            f"{what} got a model wrapped by PEFT; its adapter weights would be treated as model weights. "
+            "Compute masks on the base model before get_peft_model (or on peft_model.merge_and_unload()), "
+            "and start sparse LoRA from a PEFT adapter with "
+            "sparselora.pruning.sparse_lora.from_peft_adapter(base_model, adapter_dir_or_peft_model, masks)"
+        )

@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..utils.progress import bar_disabled
-from ._targets import _is_hf_conv1d, model_targets
+from ._targets import is_hf_conv1d, model_targets
 
 __all__ = [
     "magnitude_importance",
@@ -118,7 +118,7 @@ def collect_activation_norms(
     linear = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+        if isinstance(module, nn.Linear) or is_hf_conv1d(module)
     }
     if module_names is not None:
         module_names = list(module_names)

@@ -15,17 +15,15 @@ Conventions follow PEFT: ``scaling = alpha / r``, ``lora_A`` ``(r, in)`` Kaiming
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .. import ops
-from ._targets import check_sparsity, normalise_mask_keys
+from ._targets import normalise_mask_keys, refuse_peft_model
+from .lora_config import SPARSITY_MODES, SparseLoRAConfig
+from .lora_layer import SparseLoRALinear, is_conv1d
 from .mask_ops import apply_masks_to_model, as_bool_mask
 
 __all__ = [
@@ -34,157 +32,13 @@ __all__ = [
     "apply_sparse_lora",
     "merge_all_lora_weights",
     "validate_sparsity_preserved",
+    "merge_report",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "export_peft_adapter",
+    "from_peft_adapter",
     "SPARSITY_MODES",
 ]
-
-SPARSITY_MODES = ("sparse_to_dense", "sparse_to_sparse")
-
-
-@dataclass
-class SparseLoRAConfig:
-    """Settings of sparse LoRA.
-
-    Args:
-        r: adapter rank (> 0).
-        alpha: LoRA alpha; the adapter output is scaled by ``alpha / r``.
-        dropout: dropout probability on the adapter input, in [0, 1).
-        target_modules: module class names (``"Linear"``) or name suffixes (``"q_proj"``).
-        sparsity_mode: ``"sparse_to_dense"`` or ``"sparse_to_sparse"``.
-        initial_sparsity: sparsity of the magnitude masks made when ``apply_sparse_lora``
-            is given no masks.
-        preserve_sparsity_on_merge: multiply merged weights by the mask.
-        maintain_sparsity: keep the adapter delta masked during training; follows the mode
-            when None (on for sparse_to_sparse, off for sparse_to_dense).
-    """
-
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: Sequence[str] = field(default_factory=lambda: ["Linear"])
-    sparsity_mode: str = "sparse_to_dense"
-    initial_sparsity: float = 0.5
-    preserve_sparsity_on_merge: bool = True
-    maintain_sparsity: Optional[bool] = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be an int > 0")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha={self.alpha!r} must be a finite number")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be a float in [0, 1)")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of names")
-        self.target_modules = list(self.target_modules)
-        if self.sparsity_mode not in SPARSITY_MODES:
-            raise ValueError(f"sparsity_mode={self.sparsity_mode!r} is unknown; accepted: {', '.join(SPARSITY_MODES)}")
-        self.initial_sparsity = check_sparsity(self.initial_sparsity, "initial_sparsity")
-        if not isinstance(self.preserve_sparsity_on_merge, bool):
-            raise TypeError(f"preserve_sparsity_on_merge={self.preserve_sparsity_on_merge!r} must be a bool")
-        implied = self.sparsity_mode == "sparse_to_sparse"
-        if self.maintain_sparsity is None:
-            self.maintain_sparsity = implied
-        elif self.maintain_sparsity is not implied:
-            raise ValueError(
-                f"maintain_sparsity={self.maintain_sparsity!r} contradicts sparsity_mode={self.sparsity_mode!r}; "
-                "sparse_to_sparse keeps the adapter delta masked during training, sparse_to_dense does not "
-                "(leave maintain_sparsity=None to follow the mode)"
-            )
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
-
-class SparseLoRALinear(nn.Module):
-    """A Linear layer with a LoRA adapter and an optional keep-mask on its weight.
-
-    The base ``weight`` and ``bias`` are the wrapped layer's own parameters, frozen, so
-    parameter names (and mask keys) stay those of the original model; the adapter adds
-    ``lora_A`` and ``lora_B``.
-    """
-
-    def __init__(self, base: nn.Linear, mask: torch.Tensor | None, config: SparseLoRAConfig) -> None:
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling = config.scaling
-        self.r = config.r
-        self.sparsity_mode = config.sparsity_mode
-        self.preserve_sparsity_on_merge = config.preserve_sparsity_on_merge
-        # not persistent: masks travel in their own files, the state dict stays the model's
-        self.register_buffer("weight_mask", None if mask is None else mask.to(base.weight.device), persistent=False)
-
-    @property
-    def masks_delta(self) -> bool:
-        return self.sparsity_mode == "sparse_to_sparse" and self.weight_mask is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        if self.masks_delta:
-            if not dropout_active:
-                return ops.masked_lora_linear(
-                    x, self.weight, self.lora_A, self.lora_B, self.scaling, self.weight_mask, self.bias
-                )
-            base = F.linear(x, self.weight, self.bias)
-            return base + ops.masked_lora_linear(
-                self.lora_dropout(x), None, self.lora_A, self.lora_B, self.scaling, self.weight_mask
-            )
-        base = F.linear(x, self.weight, self.bias)
-        return base + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
-
-    @torch.no_grad()
-    def effective_weight(self) -> torch.Tensor:
-        """The weight this layer computes with (outside dropout), as a new tensor."""
-        if self.masks_delta:
-            return ops.masked_lora_weight(self.weight, self.lora_A, self.lora_B, self.scaling, self.weight_mask)
-        merged = self.weight.detach().clone()
-        return ops.merge_lora_(merged, self.lora_A, self.lora_B, self.scaling, None)
-
-    @torch.no_grad()
-    def merge(self, preserve_sparsity: bool | None = None) -> nn.Linear:
-        """Fold the adapter into the base weight (in place) and return a plain ``nn.Linear``.
-
-        ``preserve_sparsity`` (default: the config's ``preserve_sparsity_on_merge``) masks
-        the merged weight. sparse_to_sparse layers always merge masked: that is the
-        function they were trained as.
-        """
-        if preserve_sparsity is None:
-            preserve_sparsity = self.preserve_sparsity_on_merge
-        if self.masks_delta and not preserve_sparsity:
-            warnings.warn(
-                "sparse_to_sparse layers merge as (W + s·BA) ⊙ M regardless of preserve_sparsity=False",
-                UserWarning,
-                stacklevel=3,
-            )
-            preserve_sparsity = True
-        mask = self.weight_mask if preserve_sparsity else None
-        ops.merge_lora_(self.weight.data, self.lora_A, self.lora_B, self.scaling, mask)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = self.weight
-        linear.bias = self.bias
-        return linear
-
-    def extra_repr(self) -> str:
-        sparsity = (
-            f", sparsity={1 - self.weight_mask.float().mean().item():.2%}" if self.weight_mask is not None else ""
-        )
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"scaling={self.scaling:g}, mode={self.sparsity_mode}{sparsity}"
-        )
-
 
 def _matches_target(name: str, module: nn.Module, targets: Sequence[str]) -> tuple[bool, bool]:
     """(matched, matched by name): class-name match or PEFT-style name-suffix match."""
@@ -203,13 +57,14 @@ def apply_sparse_lora(
     masks: Mapping[str, torch.Tensor] | None,
     config: SparseLoRAConfig | None = None,
 ) -> nn.Module:
-    """Add sparse LoRA adapters to ``model``'s target Linear layers and return the model.
+    """Add sparse LoRA adapters to ``model``'s target layers and return the model.
 
     ``masks`` (``{parameter name: bool}``, module names accepted; None: magnitude masks at
     ``config.initial_sparsity``) are applied to the base weights, every base parameter is
-    frozen, and each targeted Linear becomes a :class:`SparseLoRALinear`. Only adapters
-    train. Layers named ``lm_head`` or tied to an embedding are skipped unless named
-    explicitly. Everything is checked before the model changes.
+    frozen, and each targeted ``nn.Linear`` or transformers ``Conv1D`` becomes a
+    :class:`SparseLoRALinear`. Only adapters train. Layers named ``lm_head`` or tied to an
+    embedding are skipped unless named explicitly. Everything is checked before the model
+    changes. A model wrapped by PEFT is refused (see :func:`from_peft_adapter`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -218,6 +73,7 @@ def apply_sparse_lora(
         raise TypeError(f"config must be a SparseLoRAConfig, got {type(config).__name__}")
     if any(isinstance(m, SparseLoRALinear) for m in model.modules()):
         raise ValueError("model already has sparse LoRA adapters; merge them first (merge_all_lora_weights)")
+    refuse_peft_model(model, "apply_sparse_lora")
     if masks is None:
         from .mask_generator import compute_unstructured_mask
 
@@ -225,31 +81,13 @@ def apply_sparse_lora(
     params = dict(model.named_parameters(remove_duplicate=False))
     masks = {n: as_bool_mask(m, f"masks[{n!r}]") for n, m in normalise_mask_keys(masks, params).items()}
 
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    chosen: list[tuple[str, nn.Linear]] = []
-    for name, module in model.named_modules():
-        matched, by_name = _matches_target(name, module, config.target_modules)
-        if not matched:
-            continue
-        if not isinstance(module, nn.Linear):
-            if by_name:
-                raise TypeError(f"target module {name!r} is a {type(module).__name__}; sparse LoRA wraps nn.Linear")
-            continue
-        if not by_name and (name.split(".")[-1] == "lm_head" or id(module.weight) in tied):
-            continue
-        chosen.append((name, module))
-    if not chosen:
-        kinds = sorted({type(m).__name__ for m in model.modules()})
-        raise ValueError(
-            f"target_modules={config.target_modules} match no Linear layer; give class names "
-            f"(model has: {', '.join(kinds)}) or module-name suffixes"
-        )
-
+    chosen = _chosen_layers(model, config.target_modules)
     apply_masks_to_model(model, masks)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in chosen:
-        wrapper = SparseLoRALinear(module, masks.get(f"{name}.weight" if name else "weight"), config)
+        mask = masks.get(f"{name}.weight" if name else "weight")
+        wrapper = SparseLoRALinear(module, mask, config, adapter_dtype=config.adapter_dtype)
         if name:
             _set_submodule(model, name, wrapper)
         else:
@@ -257,20 +95,119 @@ def apply_sparse_lora(
     return model
 
 
-def merge_all_lora_weights(model: nn.Module, preserve_sparsity: bool | None = None) -> nn.Module:
+def _chosen_layers(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        matched, by_name = _matches_target(name, module, targets)
+        if not matched:
+            continue
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            if by_name:
+                raise TypeError(
+                    f"target module {name!r} is a {type(module).__name__}; sparse LoRA wraps nn.Linear "
+                    "and transformers' Conv1D"
+                )
+            continue
+        if not by_name and (name.split(".")[-1] == "lm_head" or id(module.weight) in tied):
+            continue
+        chosen.append((name, module))
+    if not chosen:
+        kinds = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"target_modules={list(targets)} match no Linear or Conv1D layer; give class names "
+            f"(model has: {', '.join(kinds)}) or module-name suffixes"
+        )
+    return chosen
+
+
+def _sparse_lora_layers(model: nn.Module) -> list[tuple[str, SparseLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLoRALinear)]
+
+
+def merge_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """What a masked merge would drop, per sparse LoRA layer, without merging.
+
+    ``dropped_update`` is the share of the adapter's update ``s·BA`` (by Frobenius norm) that
+    falls on pruned weights; ``relative_change`` is that dropped part relative to the
+    layer's trained weight ``W + s·BA``. A sparse_to_dense layer merged with
+    ``preserve_sparsity`` loses exactly this part (its function changes); a
+    sparse_to_sparse layer never trained it (its merge is exact).
+    """
+    layers = _sparse_lora_layers(model)
+    if not layers:
+        raise ValueError("model has no sparse LoRA layers (apply_sparse_lora first)")
+    return {name: layer.merge_change() for name, layer in layers}
+
+
+def merge_all_lora_weights(
+    model: nn.Module,
+    preserve_sparsity: bool | None = None,
+    *,
+    safe_merge: bool = False,
+    warn_above: float = 0.1,
+) -> nn.Module:
     """Fold every adapter into its base weight and return a model of plain modules.
 
     ``preserve_sparsity`` (default: each layer's ``preserve_sparsity_on_merge``) masks the
-    merged weights so the pruned entries stay exactly zero.
+    merged weights so the pruned entries stay exactly zero. A masked merge of
+    sparse_to_dense layers drops the part of the trained update that falls on pruned
+    weights; when that part exceeds ``warn_above`` of some layer's update (see
+    :func:`merge_report`) a warning says how much. ``safe_merge=True`` first checks every
+    adapter and merged weight for NaN/inf and raises, naming the layer, before any weight
+    changes.
     """
     if isinstance(model, SparseLoRALinear):
-        return model.merge(preserve_sparsity)
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLoRALinear)]
-    if not wrapped:
+        layers = [("", model)]
+    else:
+        layers = _sparse_lora_layers(model)
+    if not layers:
         raise ValueError("model has no sparse LoRA layers to merge (apply_sparse_lora first)")
-    for name, module in wrapped:
-        _set_submodule(model, name, module.merge(preserve_sparsity))
+    if safe_merge:
+        for name, layer in layers:
+            for what, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("merged weight", layer.effective_weight())):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"safe_merge: {what} of layer {name or '<model>'!r} holds NaN or inf; nothing was merged")
+    _warn_dropped_updates(layers, preserve_sparsity, warn_above)
+    if isinstance(model, SparseLoRALinear):
+        return model.merge(preserve_sparsity)
+    for name, layer in layers:
+        _set_submodule(model, name, layer.merge(preserve_sparsity))
     return model
+
+
+def _warn_dropped_updates(layers, preserve_sparsity: bool | None, warn_above: float) -> None:
+    losses = []
+    for name, layer in layers:
+        masked = layer.preserve_sparsity_on_merge if preserve_sparsity is None else preserve_sparsity
+        if masked and not layer.masks_delta and layer.packed_mask is not None:
+            losses.append((layer.merge_change()["dropped_update"], name))
+    big = [(loss, name) for loss, name in losses if loss > warn_above]
+    if big:
+        worst, where = max(big)
+        warnings.warn(
+            f"merging with preserve_sparsity drops the part of the trained sparse_to_dense update that falls on "
+            f"pruned weights: more than {warn_above:.0%} of the update in {len(big)} of {len(losses)} layers "
+            f"(worst {worst:.0%}, {where!r}), so the merged model computes a different function from the trained "
+            "one. Train with sparsity_mode='sparse_to_sparse' for an exact sparse merge, or merge with "
+            "preserve_sparsity=False to keep the trained function (dense). merge_report(model) gives every layer.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, float]:
+    """``{"trainable": n, "total": n, "percent": p}`` over the model's (unique) parameters."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0}
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the trainable-parameter summary (as PEFT's ``print_trainable_parameters``)."""
+    c = trainable_parameters(model)
+    print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {c['percent']:.4f}")
 
 
 @torch.no_grad()
@@ -294,7 +231,7 @@ def validate_sparsity_preserved(
     for name, raw_mask in masks.items():
         mask = as_bool_mask(raw_mask, f"original_masks[{name!r}]").to(params[name].device)
         owner = modules.get(name.rpartition(".")[0])
-        if isinstance(owner, SparseLoRALinear) and name.endswith(".weight"):
+        if isinstance(owner, SparseLoRALinear) and name.rpartition(".")[2] == "weight":
             weight = owner.effective_weight()
         else:
             weight = params[name].detach()
@@ -320,3 +257,6 @@ def validate_sparsity_preserved(
         "per_layer": per_layer,
     }
     return total == 0, report
+
+
+from .peft_interop import export_peft_adapter, from_peft_adapter  # noqa: E402  (uses the names above)

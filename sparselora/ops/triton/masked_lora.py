@@ -13,9 +13,10 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
+from .._bits import as_bool_keep
 from ._common import TRITON_PRIORITY, round_for, triton_reason
 
-__all__ = ["masked_lora_linear"]
+__all__ = ["masked_lora_linear", "masked_lora_input_grad", "masked_lora_adapter_grad"]
 
 def _block(t: torch.Tensor) -> int:
     # tile side: 64 on a GPU; 16 (tl.dot's minimum) keeps the CPU interpreter quick
@@ -119,54 +120,80 @@ def _sizes(x2, lora_A, lora_B):
     return x2.shape[0], lora_B.shape[0], lora_A.shape[1], lora_A.shape[0]
 
 
-class _TritonMaskedLoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scaling, mask, bias):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        a, b = lora_A.contiguous(), lora_B.contiguous()
-        keep = mask.contiguous().view(torch.uint8)
-        tokens, rows, cols, r = _sizes(x2, a, b)
-        y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
-        w = weight.contiguous() if weight is not None else keep
-        block = _block(x2)
-        grid = (triton.cdiv(tokens, block), triton.cdiv(rows, block))
-        _forward_kernel[grid](x2, w, a, b, keep, bias if bias is not None else keep, y, tokens, rows, cols, r, scaling,
-                              HAS_W=weight is not None, HAS_BIAS=bias is not None,
-                              R_PAD=max(16, triton.next_power_of_2(r)), BLOCK=block)
-        ctx.save_for_backward(x2, w, a, b, keep)
-        ctx.has_weight, ctx.has_bias, ctx.scaling, ctx.x_shape = weight is not None, bias is not None, scaling, x.shape
-        return y.reshape(*x.shape[:-1], rows)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x2, w, a, b, keep = ctx.saved_tensors
-        dy = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
-        tokens, rows, cols, r = _sizes(x2, a, b)
-        r_pad = max(16, triton.next_power_of_2(r))
-        block = _block(x2)
-        d_x = d_a = d_b = d_bias = None
-        if ctx.needs_input_grad[0]:
-            d_x = torch.empty(tokens, cols, dtype=x2.dtype, device=x2.device)
-            _grad_input_kernel[(triton.cdiv(tokens, block), triton.cdiv(cols, block))](
-                dy, w, a, b, keep, d_x, tokens, rows, cols, r, ctx.scaling, HAS_W=ctx.has_weight, R_PAD=r_pad, BLOCK=block)
-            d_x = d_x.reshape(ctx.x_shape)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            da32 = torch.zeros(r, cols, dtype=torch.float32, device=x2.device)
-            db32 = torch.zeros(rows, r, dtype=torch.float32, device=x2.device)
-            _grad_adapter_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](
-                dy, x2, a, b, keep, da32, db32, tokens, rows, cols, r, ctx.scaling, R_PAD=r_pad, BLOCK=block)
-            d_a, d_b = da32.to(a.dtype), db32.to(b.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            d_bias = dy.float().sum(0).to(dy.dtype)
-        return d_x, None, d_a, d_b, None, None, d_bias
+def _keep_bytes(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # the kernels read one byte per weight; a packed mask is unpacked on the device first
+    return as_bool_keep(mask, (rows, cols)).contiguous().view(torch.uint8)
 
 
-def _reason(x, weight, lora_A, lora_B, scaling, mask, bias):
-    if weight is not None and weight.requires_grad:
-        return "the Triton masked LoRA kernels train the adapters only (weight.requires_grad is True)"
+def _operands(weight, lora_A, lora_B, mask):
+    a, b = lora_A.contiguous(), lora_B.contiguous()
+    keep = _keep_bytes(mask, b.shape[0], a.shape[1])
+    w = weight.contiguous() if weight is not None else keep  # dummy pointer when there is no base
+    return w, a, b, keep
+
+
+def _forward(x, weight, lora_A, lora_B, scaling, mask, bias):
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    w, a, b, keep = _operands(weight, lora_A, lora_B, mask)
+    tokens, rows, cols, r = _sizes(x2, a, b)
+    y = torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
+    block = _block(x2)
+    grid = (triton.cdiv(tokens, block), triton.cdiv(rows, block))
+    _forward_kernel[grid](x2, w, a, b, keep, bias if bias is not None else keep, y, tokens, rows, cols, r, scaling,
+                          HAS_W=weight is not None, HAS_BIAS=bias is not None,
+                          R_PAD=max(16, triton.next_power_of_2(r)), BLOCK=block)
+    return y.reshape(*x.shape[:-1], rows)
+
+
+def _input_grad(dy, weight, lora_A, lora_B, scaling, mask):
+    dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+    w, a, b, keep = _operands(weight, lora_A, lora_B, mask)
+    tokens, rows, cols, r = dy2.shape[0], b.shape[0], a.shape[1], a.shape[0]
+    d_x = torch.empty(tokens, cols, dtype=dy.dtype, device=dy.device)
+    block = _block(dy2)
+    _grad_input_kernel[(triton.cdiv(tokens, block), triton.cdiv(cols, block))](
+        dy2, w, a, b, keep, d_x, tokens, rows, cols, r, scaling, HAS_W=weight is not None,
+        R_PAD=max(16, triton.next_power_of_2(r)), BLOCK=block)
+    return d_x.reshape(*dy.shape[:-1], cols)
+
+
+def _adapter_grad(dy, x, lora_A, lora_B, scaling, mask):
+    dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    _, a, b, keep = _operands(None, lora_A, lora_B, mask)
+    tokens, rows, cols, r = _sizes(x2, a, b)
+    da32 = torch.zeros(r, cols, dtype=torch.float32, device=x2.device)
+    db32 = torch.zeros(rows, r, dtype=torch.float32, device=x2.device)
+    block = _block(x2)
+    _grad_adapter_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](
+        dy2, x2, a, b, keep, da32, db32, tokens, rows, cols, r, scaling,
+        R_PAD=max(16, triton.next_power_of_2(r)), BLOCK=block)
+    return da32.to(lora_A.dtype), db32.to(lora_B.dtype), da32.new_empty(0, dtype=dy.dtype)
+
+
+def _reason(x, weight, lora_A, lora_B, scaling, mask, bias, transposed=False):
+    if transposed:
+        return "the Triton masked LoRA kernels take the nn.Linear layout (transposed=False)"
     return triton_reason(x, weight, lora_A, lora_B, mask, bias)
 
 
 @register("masked_lora_linear", "triton", priority=TRITON_PRIORITY, check=_reason)
-def masked_lora_linear(x, weight, lora_A, lora_B, scaling, mask, bias):
-    return _TritonMaskedLoRALinear.apply(x, weight, lora_A, lora_B, float(scaling), mask, bias)
+def masked_lora_linear(x, weight, lora_A, lora_B, scaling, mask, bias, transposed=False):
+    return _forward(x, weight, lora_A, lora_B, float(scaling), mask, bias)
+
+
+@register("masked_lora_input_grad", "triton", priority=TRITON_PRIORITY,
+          check=lambda dy, weight, a, b, s, mask, t: _reason(dy, weight, a, b, s, mask, None, t))
+def masked_lora_input_grad(dy, weight, lora_A, lora_B, scaling, mask, transposed):
+    return _input_grad(dy, weight, lora_A, lora_B, float(scaling), mask)
+
+
+def _adapter_reason(dy, x, a, b, s, mask, transposed, weight_grad):
+    if weight_grad:
+        return "the Triton masked LoRA kernels train the adapters only (the weight's gradient was asked for)"
+    return _reason(x, None, a, b, s, mask, dy, transposed)
+
+
+@register("masked_lora_adapter_grad", "triton", priority=TRITON_PRIORITY, check=_adapter_reason)
+def masked_lora_adapter_grad(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad):
+    return _adapter_grad(dy, x, lora_A, lora_B, float(scaling), mask)

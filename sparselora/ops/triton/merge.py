@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._bits import as_bool_keep
 from .._dispatch import register
 from ._common import TRITON_PRIORITY, round_for, triton_reason
 
@@ -56,7 +57,7 @@ def merge_lora_(weight, lora_A, lora_B, scaling, mask):
     rows, cols = weight.shape
     r = lora_A.shape[0]
     a, b = lora_A.detach().contiguous(), lora_B.detach().contiguous()
-    keep = mask.contiguous().view(torch.uint8) if mask is not None else weight  # dummy pointer
+    keep = as_bool_keep(mask, weight.shape).contiguous().view(torch.uint8) if mask is not None else weight  # dummy pointer
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(cols, BLOCK_N))
     _merge_kernel[grid](weight, a, b, keep, rows, cols, r, float(scaling), HAS_MASK=mask is not None,
                         R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
