@@ -12,6 +12,7 @@ counts, pybind calls) ever breaks a graph. No ``from __future__ import annotatio
 ``torch.library`` reads the schema from these annotations.
 """
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,12 +37,16 @@ NAMESPACE = "sparselora"
 
 def _run(op: str, *args):
     """The default kernel (any device the others do not cover): the reference."""
-    return resolve(op, *args, allowed=("reference",))(*args)
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
+        return resolve(op, *args, allowed=("reference",))(*args)
 
 
-def _dispatching(op: str, returns_none: bool):
+def _dispatching(op: str, device: str, returns_none: bool):
     def kernel(*args):
-        out = resolve(op, *args)(*args)
+        # the op's dtypes were settled by its caller: autocast must not recast inside a kernel
+        with torch.autocast(device, enabled=False):
+            out = resolve(op, *args)(*args)
         return None if returns_none else (tuple(out) if isinstance(out, tuple) else out)
 
     return kernel
@@ -52,7 +57,7 @@ def _define(name: str, prototype, mutates_args=()):
     on other devices; the CPU and CUDA kernels go through the backends' dispatcher."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(prototype)
     for device in ("cpu", "cuda"):
-        op.register_kernel(device)(_dispatching(name, returns_none=bool(mutates_args)))
+        op.register_kernel(device)(_dispatching(name, device, returns_none=bool(mutates_args)))
     return op
 
 

@@ -84,7 +84,7 @@ class SparseLoRALinear(nn.Module):
         self.sparsity_mode = config.sparsity_mode
         self.preserve_sparsity_on_merge = config.preserve_sparsity_on_merge
         self._mask_bits: torch.Tensor | None = None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
         if mask is not None:
             self.set_mask(mask)
 
@@ -200,6 +200,10 @@ class SparseLoRALinear(nn.Module):
         dtype, by_autocast = self._compute_dtype(x)
         if by_autocast:
             x = x.to(dtype)
+        if self._cache is not None and not torch.is_grad_enabled():  # inference: the fast path first
+            key, w_eff, bias = self._cache
+            if key == self._cache_key(dtype):
+                return self._stored_linear(x, w_eff, bias)
         weight = self.weight.to(dtype)  # no copy unless autocast asks for another dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         lora_A, lora_B = self._adapters_for(dtype)
@@ -210,18 +214,20 @@ class SparseLoRALinear(nn.Module):
                 transposed=self.fan_in_fan_out)
         if not _is_compiling() and not (torch.is_grad_enabled() and (
                 x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad)):
-            return self._stored_linear(x, self._cached_effective_weight(weight, lora_A, lora_B, dtype), bias)
+            # nothing needs gradients: keep the effective weight until the base or an adapter changes
+            key = self._cache_key(dtype)
+            self._cache = None  # free the old one first
+            with torch.no_grad():
+                self._cache = (key, self._effective(weight, lora_A, lora_B), bias)
+            return self._stored_linear(x, self._cache[1], bias)
         return ops.masked_lora_linear(x, weight, lora_A, lora_B, self.scaling, self._mask_bits, bias,
                                       transposed=self.fan_in_fan_out)
 
-    def _cached_effective_weight(self, weight, lora_A, lora_B, dtype) -> torch.Tensor:
-        key = (dtype, weight.device, self.weight._version, self.lora_A._version, self.lora_B._version,
-               self.weight.data_ptr(), self.lora_A.data_ptr(), self.lora_B.data_ptr())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None  # free the old one first
-            with torch.no_grad():
-                self._cache = (key, self._effective(weight, lora_A, lora_B))
-        return self._cache[1]
+    def _cache_key(self, dtype: torch.dtype) -> tuple:
+        # version counters move on every in-place change (optimizer steps, copy_, load_state_dict)
+        w, a, b = self.weight, self.lora_A, self.lora_B
+        return (dtype, w.device, w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(),
+                None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
 
     def _effective(self, weight, lora_A, lora_B) -> torch.Tensor:
         """(W + s·BA) ⊙ M in the stored orientation."""
