@@ -162,7 +162,7 @@ def main() -> None:
         print(f"  {name:<28}{s * 1e3:>9.1f} ms{s / r['seconds']['peft_lora']:>8.2f}x PEFT LoRA")
 
     r = results["compile"] = bench_compile(side, tokens, repeat)
-    print(f"sparse_to_sparse train step, torch.compile(fullgraph=True) vs eager (fp32)")
+    print("sparse_to_sparse train step, torch.compile(fullgraph=True) vs eager (fp32)")
     for name, s in r["seconds"].items():
         print(f"  {name:<28}{s * 1e3:>9.1f} ms{s / r['seconds']['eager']:>8.2f}x eager")
 

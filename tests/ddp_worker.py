@@ -9,6 +9,7 @@ broadcast if the masks were buffers. Rank 0 also trains the same model in one pr
 both ranks' data together (the reference DDP must reproduce).
 """
 
+import os
 import sys
 import warnings
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest
 from conftest import tiny_llama  # noqa: E402
 
 from sparselora.pruning.lora_layer import SparseLoRALinear  # noqa: E402

@@ -1,8 +1,13 @@
 """The hot operations, each defined once.
 
-The functions here check their arguments and hand the call to a backend chosen by
-:mod:`sparselora.ops._dispatch` (C++ for CPU tensors, Triton for CUDA tensors when
-built, the pure-PyTorch reference otherwise). The pruning API calls only these.
+The functions here check their arguments and call the op. The tensor ops are PyTorch
+custom operators (``torch.ops.sparselora.*``, :mod:`sparselora.ops.library`): they carry a
+fake implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` traces
+through them, and their CPU and CUDA kernels hand the call to a backend chosen by
+:mod:`sparselora.ops._dispatch` (C++ for CPU tensors, Triton for CUDA tensors when built,
+the pure-PyTorch reference otherwise). ``prune_threshold``, ``write_prune_mask`` and
+``streaming_threshold`` return host values (a cut, tie counts) and stay plain functions over
+the same dispatcher. The pruning API calls only these.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ What the layer guarantees, in every mode, on every backend:
   state dict whose mask differs from the layer's is an error.
 * **inference** without merging: with autograd off (or nothing requiring gradients) a
   sparse_to_sparse layer keeps its effective weight and rebuilds it only when the base or
-  an adapter changes (tensor version counters).
+  an adapter changes (tensor version counters: in-place ops and optimizer steps count;
+  writes through ``.data`` do not, so call ``train()``/``eval()`` or :meth:`clear_cache`
+  after those).
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class SparseLoRALinear(nn.Module):
         # conversions only touch floating tensors, the uint8 bits just change device
         super()._apply(fn, recurse)
         if self._mask_bits is not None:
-            self._mask_bits = fn(self._mask_bits)
+            bits = fn(self._mask_bits)
+            self._mask_bits = bits if bits.dtype == torch.uint8 else bits.to(torch.uint8)  # Module.type() casts all
         self._cache = None
         return self
 
@@ -165,6 +168,11 @@ class SparseLoRALinear(nn.Module):
         auto = autocast_dtype(x.device.type)
         if auto is not None:
             return auto, True
+        if x.dtype != self.weight.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's weight has {self.weight.dtype}; outside torch.autocast "
+                "a sparse LoRA layer computes in its weight's dtype, as nn.Linear does (cast x, or use autocast)"
+            )
         return self.weight.dtype, False
 
     def _adapters_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +192,8 @@ class SparseLoRALinear(nn.Module):
 
     def _forward_dense_delta(self, x: torch.Tensor) -> torch.Tensor:
         # W⊙M (stored masked) plus a dense adapter, exactly as PEFT's LoRA computes it
-        result = self._base_linear(x)
         _, by_autocast = self._compute_dtype(x)
+        result = self._base_linear(x)
         lora_in = x if by_autocast else x.to(self.lora_A.dtype)
         delta = F.linear(F.linear(self.lora_dropout(lora_in), self.lora_A), self.lora_B) * self.scaling
         return result + delta.to(result.dtype)
@@ -234,6 +242,10 @@ class SparseLoRALinear(nn.Module):
         if self.fan_in_fan_out:  # (W_t + s·Aᵀ Bᵀ) ⊙ M_t
             return ops.masked_lora_weight(weight, lora_B.t(), lora_A.t(), self.scaling, self._mask_bits)
         return ops.masked_lora_weight(weight, lora_A, lora_B, self.scaling, self._mask_bits)
+
+    def clear_cache(self) -> None:
+        """Drop the cached effective weight (it is rebuilt on the next inference call)."""
+        self._cache = None
 
     def train(self, mode: bool = True) -> "SparseLoRALinear":
         self._cache = None  # the cached effective weight is for inference only
