@@ -1,6 +1,7 @@
 // Row blocks of kRows rows are split across threads; inside a block, tiles of kCols
 // columns accumulate B_blk @ A_tile in registers, then add W, mask and store.
 #include "merge.h"
+#include "masks.h"
 #include "simd.h"
 
 namespace sparselora {
@@ -35,7 +36,7 @@ void merge_block(const void* W, int dtype, int64_t row0, int64_t n_rows, int64_t
       } else if (layout == kBoolBytes) {
         k = mask + at;
       } else {
-        for (int64_t j = 0; j < n_cols; ++j) keep[j] = (mask[(at + j) >> 3] >> ((at + j) & 7)) & 1u;
+        expand_bits(mask, at, n_cols, keep);
       }
       const char* w = W ? static_cast<const char*>(W) + at * size : nullptr;
       char* d = static_cast<char*>(dst) + at * size;

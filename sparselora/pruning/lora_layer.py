@@ -182,6 +182,15 @@ class SparseLoRALinear(nn.Module):
         return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self._cache
+        if cache is not None and not torch.is_grad_enabled():
+            # inference fast path (generate() calls every layer once per token): the cached
+            # effective weight while nothing changed, the dtype and autocast state included
+            key, w_eff, bias = cache
+            if key == self._cache_key(x):
+                if x.dtype != w_eff.dtype:
+                    x = x.to(w_eff.dtype)
+                return self._stored_linear(x, w_eff, bias)
         if self.masks_delta:
             return self._forward_sparse_to_sparse(x)
         return self._forward_dense_delta(x)
@@ -206,12 +215,9 @@ class SparseLoRALinear(nn.Module):
 
     def _forward_sparse_to_sparse(self, x: torch.Tensor) -> torch.Tensor:
         dtype, by_autocast = self._compute_dtype(x)
+        key = self._cache_key(x)
         if by_autocast:
             x = x.to(dtype)
-        if self._cache is not None and not torch.is_grad_enabled():  # inference: the fast path first
-            key, w_eff, bias = self._cache
-            if key == self._cache_key(dtype):
-                return self._stored_linear(x, w_eff, bias)
         weight = self.weight.to(dtype)  # no copy unless autocast asks for another dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         lora_A, lora_B = self._adapters_for(dtype)
@@ -223,19 +229,21 @@ class SparseLoRALinear(nn.Module):
         if not _is_compiling() and not (torch.is_grad_enabled() and (
                 x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad)):
             # nothing needs gradients: keep the effective weight until the base or an adapter changes
-            key = self._cache_key(dtype)
             self._cache = None  # free the old one first
             with torch.no_grad():
-                self._cache = (key, self._effective(weight, lora_A, lora_B), bias)
-            return self._stored_linear(x, self._cache[1], bias)
+                w_eff = self._effective(weight, lora_A, lora_B)
+            if not torch.is_grad_enabled():
+                self._cache = (key, w_eff, bias)
+            return self._stored_linear(x, w_eff, bias)
         return ops.masked_lora_linear(x, weight, lora_A, lora_B, self.scaling, self._mask_bits, bias,
                                       transposed=self.fan_in_fan_out)
 
-    def _cache_key(self, dtype: torch.dtype) -> tuple:
-        # version counters move on every in-place change (optimizer steps, copy_, load_state_dict)
+    def _cache_key(self, x: torch.Tensor) -> tuple:
+        # version counters move on every in-place change (optimizer steps, copy_, load_state_dict),
+        # data pointers on replaced storage; the autocast state and x's dtype pick the compute dtype
         w, a, b = self.weight, self.lora_A, self.lora_B
-        return (dtype, w.device, w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(),
-                None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
+        auto = autocast_dtype(x.device.type)
+        return (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), auto, x.dtype)
 
     def _effective(self, weight, lora_A, lora_B) -> torch.Tensor:
         """(W + s·BA) ⊙ M in the stored orientation."""
