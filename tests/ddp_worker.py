@@ -21,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest
 from conftest import tiny_llama  # noqa: E402
 
 from sparselora.pruning.lora_layer import SparseLoRALinear  # noqa: E402
-from sparselora.pruning.mask_generator import compute_unstructured_mask  # noqa: E402
+from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask  # noqa: E402
 from sparselora.pruning.sparse_lora import (  # noqa: E402
     SparseLoRAConfig,
     apply_sparse_lora,
+    broadcast_masks,
     merge_all_lora_weights,
     validate_sparsity_preserved,
 )
@@ -141,6 +142,18 @@ def main(out_dir):
         result["merged_pruned_nonzero"] = sum(int((params[n].detach()[~m] != 0).sum()) for n, m in masks.items())
         result["merged_pruned_total"] = sum(int((~m).sum()) for m in masks.values())
         result["merged_has_adapters"] = any(isinstance(m, SparseLoRALinear) for m in merged.modules())
+        # masks that differ across ranks (here: seeded by the rank) are made equal once by broadcast_masks
+        other = tiny_llama(0)
+        rank_masks = compute_random_mask(other, 0.5, seed=rank, progress=False)
+        other = apply_sparse_lora(other, rank_masks, SparseLoRAConfig(r=4, dropout=0.0, sparsity_mode=mode))
+        broadcast_masks(other, src=0)
+        result["broadcast_masks"] = {n: m.packed_mask.clone() for n, m in other.named_modules()
+                                     if isinstance(m, SparseLoRALinear)}
+        result["own_masks_differed"] = any(
+            not torch.equal(rank_masks[n], compute_random_mask(tiny_llama(0), 0.5, seed=0, progress=False)[n])
+            for n in rank_masks)
+        result["broadcast_base_zero"] = all(
+            bool((m.weight.detach()[~m.weight_mask] == 0).all()) for m in other.modules() if isinstance(m, SparseLoRALinear))
         torch.save(result, f"{out_dir}/{mode}-rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()

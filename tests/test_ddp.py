@@ -98,3 +98,13 @@ def test_masks_are_not_ddp_buffers(ddp_results, mode):
     # the same DDP with each layer's mask registered as a buffer sends the masks every step
     assert rank0["bytes_if_bool_mask_buffers"] == rank0["broadcast_bytes_per_step"][0] + rank0["mask_bool_bytes"]
     assert rank0["bytes_if_packed_mask_buffers"] == rank0["broadcast_bytes_per_step"][0] + rank0["mask_packed_bytes"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_broadcast_masks_makes_rank_masks_equal(ddp_results, mode):
+    rank0, rank1 = ddp_results[mode]
+    assert rank1["own_masks_differed"] and not rank0["own_masks_differed"]  # rank 1 started from other masks
+    assert rank0["broadcast_masks"].keys() == rank1["broadcast_masks"].keys()
+    for name, bits in rank0["broadcast_masks"].items():
+        assert torch.equal(bits, rank1["broadcast_masks"][name]), name
+    assert rank0["broadcast_base_zero"] and rank1["broadcast_base_zero"]

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ._targets import normalise_mask_keys, refuse_peft_model
 from .lora_config import SPARSITY_MODES, SparseLoRAConfig
 from .lora_layer import SparseLoRALinear, is_conv1d
@@ -33,6 +34,7 @@ __all__ = [
     "merge_all_lora_weights",
     "validate_sparsity_preserved",
     "merge_report",
+    "broadcast_masks",
     "trainable_parameters",
     "print_trainable_parameters",
     "export_peft_adapter",
@@ -194,6 +196,34 @@ def _warn_dropped_updates(layers, preserve_sparsity: bool | None, warn_above: fl
             UserWarning,
             stacklevel=3,
         )
+
+
+def broadcast_masks(model: nn.Module, src: int = 0, group: Any = None) -> nn.Module:
+    """Give every rank ``src``'s masks, once, before training.
+
+    DDP copies rank ``src``'s parameters to the other ranks when it wraps the model, but the
+    masks are no buffers (so that they are not broadcast on every step): ranks that computed
+    masks from different weights would silently train different functions. Call this on
+    every rank after :func:`apply_sparse_lora` and before wrapping with DDP (whose initial
+    broadcast then gives every rank ``src``'s base weights) when masks may differ across
+    ranks. Sends the packed bits (1/8 of a bool mask) and zeroes the newly pruned base
+    weights. Needs an initialised ``torch.distributed`` group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("broadcast_masks needs torch.distributed initialised (init_process_group)")
+    backend = dist.get_backend(group)
+    for name, layer in _sparse_lora_layers(model):
+        bits = layer.packed_mask
+        if bits is None:
+            continue
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        payload = bits.to(device).clone()
+        dist.broadcast(payload, src=src, group=group)
+        layer.set_mask(payload)
+        ops.apply_mask_(layer.weight.data, layer.packed_mask)
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, float]:
