@@ -108,7 +108,7 @@ def select_prune_mask(
     Ties at the cut are pruned lowest flat index first, tensors in the order given.
     """
     scores = _check_group(scores, k)
-    return library.select_prune_mask(scores, k, absolute)
+    return library.call(library.select_prune_mask, scores, k, absolute)
 
 
 def key_histogram(score: torch.Tensor, *, absolute: bool = False, high: int = -1) -> torch.Tensor:
@@ -121,7 +121,7 @@ def key_histogram(score: torch.Tensor, *, absolute: bool = False, high: int = -1
     _check_scores([score], "score")
     if not (isinstance(high, int) and -1 <= high < 65536):
         raise ValueError(f"high={high!r} must be -1 or a 16-bit bucket")
-    return library.key_histogram(score, absolute, high)
+    return library.call(library.key_histogram, score, absolute, high)
 
 
 def _key_to_float(key: int, absolute: bool) -> float:
@@ -168,7 +168,7 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     _check_mask_for(weight, mask)
     with torch.no_grad():
-        library.apply_mask_(weight, mask.to(weight.device))
+        library.call(library.apply_mask_, weight, mask.to(weight.device))
     return weight
 
 
@@ -225,7 +225,7 @@ def merge_lora_(
     if mask is not None:
         _check_mask_for(weight, mask)
     with torch.no_grad():
-        library.merge_lora_(weight, lora_A.detach(), lora_B.detach(), float(scaling), mask)
+        library.call(library.merge_lora_, weight, lora_A.detach(), lora_B.detach(), float(scaling), mask)
     return weight
 
 

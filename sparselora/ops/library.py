@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._dispatch import resolve
 
-__all__ = [
+OPS = (
     "apply_mask_",
     "masked_copy",
     "merge_lora_",
@@ -30,7 +30,8 @@ __all__ = [
     "masked_lora_adapter_grad",
     "select_prune_mask",
     "key_histogram",
-]
+)
+__all__ = ["call", "OPS", *OPS]
 
 NAMESPACE = "sparselora"
 
@@ -52,10 +53,36 @@ def _dispatching(op: str, device: str, returns_none: bool):
     return kernel
 
 
+_DEFINED: dict = {}  # custom op -> (name, whether it mutates an argument)
+
+
+def call(op, *args):
+    """Run custom op ``op``: through the PyTorch dispatcher while tracing (torch.compile), or
+    straight to its kernel in eager mode, for the ops without an autograd formula. The first
+    eager call of a custom op imports torch._dynamo (about 1 s and 75 MB, once per process),
+    which a pruning script or the CLI need not pay."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    device = next((a.device.type for a in _tensors(args)), "cpu")
+    name, mutates = _DEFINED[op]
+    if device in ("cpu", "cuda"):
+        return _dispatching(name, device, returns_none=mutates)(*args)
+    return _run(name, *args)
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
 def _define(name: str, prototype, mutates_args=()):
     """Custom op ``sparselora::name``: ``prototype`` gives the schema and runs the reference
     on other devices; the CPU and CUDA kernels go through the backends' dispatcher."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(prototype)
+    _DEFINED[op] = (name, bool(mutates_args))
     for device in ("cpu", "cuda"):
         op.register_kernel(device)(_dispatching(name, device, returns_none=bool(mutates_args)))
     return op
