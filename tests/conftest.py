@@ -8,6 +8,10 @@ import os
 # is imported. They run on CPU tensors only when a test forces SPARSELORA_BACKEND=triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -60,3 +64,16 @@ def tiny_llama(seed: int = 0):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(config)
+
+
+def run_torchrun(worker: str, out_dir, nproc: int) -> None:
+    """Run ``tests/<worker>`` on ``nproc`` local ranks (torchrun, a free port) with ``out_dir``
+    as its argument; fail with the workers' stderr if any rank fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        # --standalone: a local rendezvous on a free port (localhost:0)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(Path(__file__).parent / worker), str(out_dir)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -4,7 +4,6 @@ checkpoints, the CLI end to end, torch.distributed ranks, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import run_torchrun
 from sparselora.pruning._targets import state_dict_targets
 from sparselora.pruning.checkpoint_ops import apply_masks_to_checkpoint, validate_checkpoint_masks
 from sparselora.pruning.checkpoints import Checkpoint
@@ -155,101 +155,7 @@ def test_distributed_ranks_equal_one_process(tmp_path):
     single = tmp_path / "single.safetensors"
     compute_checkpoint_masks(folder, 0.55, single, progress=False)
     out = tmp_path / "dist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29533", "-m", "sparselora",
-         "masks", str(folder), "--sparsity", "0.55", "-o", str(out), "--distributed", "--no-progress"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "masks-00001-of-00003.safetensors", "masks-00002-of-00003.safetensors", "masks-00003-of-00003.safetensors",
-        "masks.safetensors.index.json",
-    ]
-    expected, _ = load_mask(single)
-    got, metadata = load_mask(out)
-    assert list(got) == list(expected) and metadata["scope"] == "global"
-    assert all(torch.equal(got[n], expected[n]) for n in expected)
-
-
-# --- bad input -------------------------------------------------------------------------
-
-
-def test_missing_shard(tmp_path):
-    folder = make_sharded(tmp_path)
-    (folder / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00003"):
-        Checkpoint(folder)
-
-
-def test_index_names_a_missing_tensor(tmp_path):
-    folder = make_sharded(tmp_path)
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    index["weight_map"]["layers.9.ghost.weight"] = "model-00001-of-00003.safetensors"
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="layers.9.ghost.weight"):
-        Checkpoint(folder)
-
-
-@pytest.mark.parametrize("damage", ["truncated-header", "garbage-header", "truncated-data"])
-def test_corrupted_checkpoint(tmp_path, damage):
-    path = tmp_path / "model.safetensors"
-    save_file({"a.weight": torch.randn(64, 64)}, path)
-    raw = bytearray(path.read_bytes())
-    if damage == "truncated-header":
-        raw = raw[:20]
-    elif damage == "garbage-header":
-        raw[10:40] = b"\xff" * 30
-    else:
-        raw = raw[: len(raw) - 100]
-    path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
-        compute_checkpoint_masks(path, 0.5, tmp_path / "m.safetensors", progress=False)
-    assert not (tmp_path / "m.safetensors").exists()
-
-
-def test_output_directory_missing(tmp_path):
-    folder = make_sharded(tmp_path)
-    proc = run_cli("masks", folder, "--sparsity", "0.5", "-o", tmp_path / "nope" / "m.safetensors")
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_existing_output_is_left_untouched_without_overwrite(tmp_path):
-    folder = make_sharded(tmp_path)
-    out = tmp_path / "m.safetensors"
-    out.write_bytes(b"precious")
-    proc = run_cli("masks", folder, "--sparsity", "0.5", "-o", out)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr
-    assert out.read_bytes() == b"precious"
-    pruned = tmp_path / "pruned"
-    pruned.mkdir()
-    (pruned / "keep.txt").write_text("keep")
-    good_masks = tmp_path / "g.safetensors"
-    compute_checkpoint_masks(folder, 0.5, good_masks, progress=False)
-    assert run_cli("apply", folder, good_masks, "-o", pruned).returncode == 2
-    assert (pruned / "keep.txt").read_text() == "keep"
-    assert run_cli("masks", folder, "--sparsity", "0.5", "-o", out, "--overwrite", "--no-progress").returncode == 0
-    assert load_mask(out)[0]
-
-
-def test_masks_that_do_not_fit_the_checkpoint(tmp_path):
-    folder = make_sharded(tmp_path)
-    bad = tmp_path / "bad.safetensors"
-    save_mask({"layers.0.q.weight": torch.ones(3, 3, dtype=torch.bool)}, bad, packed=True)
-    with pytest.raises(ValueError, match="shapes differ"):
-        apply_masks_to_checkpoint(folder, bad, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
-def test_sharded_model_masks_across_ranks(tmp_path):
-    """Local shards on 3 ranks get one exact global threshold, ties in (rank, name) order."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29534",
-         str(Path(__file__).parent / "sharded_worker.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun("sharded_worker.py", tmp_path, 3)
     shards = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(3)]
     flat = [t for shard in shards for t in shard.values()]
     from sparselora import ops

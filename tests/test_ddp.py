@@ -9,13 +9,11 @@ the buffers DDP broadcasts before every forward.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_torchrun
 
 MODES = ("sparse_to_dense", "sparse_to_sparse")
 
@@ -23,14 +21,7 @@ MODES = ("sparse_to_dense", "sparse_to_sparse")
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        # --standalone: a local rendezvous on a free port (localhost:0)
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).parent / "ddp_worker.py"), str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun("ddp_worker.py", out, 2)
     results = {mode: [torch.load(out / f"{mode}-rank{r}.pt", weights_only=True) for r in range(2)] for mode in MODES}
     summary = {
         mode: {k: results[mode][0][k] for k in ("broadcast_bytes_per_step", "ddp_synced_buffers", "mask_packed_bytes",

@@ -633,19 +633,26 @@ def test_export_peft_adapter_loads_in_peft_with_equal_outputs(tmp_path, arch):
     assert not (tmp_path / "refused").exists()
 
 
-def test_from_peft_adapter_sparse_to_sparse_config_computes_the_masked_merge(tmp_path):
+def trained_peft_model(base, masks, seed: int):
+    """PEFT's LoRA on the pruned base, with nonzero (trained-looking) lora_B."""
     import peft
 
-    base, masks = llama_case()
     peft_model = peft.get_peft_model(
         apply_masks_to_model(copy.deepcopy(base), masks),
         peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LLAMA_TARGETS),
     )
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return peft_model
+
+
+
+def test_from_peft_adapter_sparse_to_sparse_config_computes_the_masked_merge(tmp_path):
+    base, masks = llama_case()
+    peft_model = trained_peft_model(base, masks, seed=5)
     peft_model.save_pretrained(str(tmp_path))
     ids = tokens()
     config = SparseLoRAConfig(r=4, alpha=8, dropout=0.0, sparsity_mode="sparse_to_sparse", target_modules=LLAMA_TARGETS)
@@ -664,18 +671,8 @@ def test_from_peft_adapter_sparse_to_sparse_config_computes_the_masked_merge(tmp
 
 
 def test_from_peft_model_and_peft_models_are_refused():
-    import peft
-
     base, masks = llama_case()
-    peft_model = peft.get_peft_model(
-        apply_masks_to_model(copy.deepcopy(base), masks),
-        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LLAMA_TARGETS),
-    )
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    peft_model = trained_peft_model(base, masks, seed=7)
     peft_model.eval()
     ids = tokens()
     with torch.no_grad():
