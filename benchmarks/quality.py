@@ -71,7 +71,7 @@ from sparselora.pruning.sparse_lora import (
     merge_all_lora_weights,
     validate_sparsity_preserved,
 )
-from sparselora.utils.atomic import atomic_open, atomic_write_bytes
+from sparselora.io.atomic import atomic_open, atomic_write_bytes
 
 __all__ = [
     "METHODS",

@@ -96,7 +96,7 @@ def test_apply_masks_clears_nan_in_pruned_slots():
 
 
 def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
-    from sparselora.utils.atomic import atomic_write_bytes
+    from sparselora.io.atomic import atomic_write_bytes
 
     umask = os.umask(0o022)
     try:

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from ..utils.atomic import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes
 from .schema import check_trainer_config
 
 __all__ = ["create_sparse_config", "save_config", "load_config", "LLAMA_ATTENTION_CLASS"]

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..utils.progress import bar_disabled
-from ..utils.safetensors_stream import SafetensorsReader, SafetensorsWriter
-from .checkpoints import Checkpoint
-from .packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
+from ..io.safetensors import SafetensorsReader, SafetensorsWriter
+from ..io.checkpoints import Checkpoint
+from ..io.packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
 
 __all__ = ["MaskFile", "apply_masks_to_checkpoint", "validate_checkpoint_masks"]
 

@@ -468,7 +468,7 @@ def compute_masks_for_state_dict(
         raise ValueError("state_dict has no prunable weights (floating *weight tensors with >= 2 dims)")
     if method == "unstructured":
         # the streaming engine of checkpoints larger than RAM, fed from memory
-        from .checkpoints import StateDictSource
+        from ..io.checkpoints import StateDictSource
         from .streaming import stream_masks
 
         masks: dict[str, torch.Tensor] = {}

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..utils.atomic import atomic_open, atomic_write_bytes
+from ..io.atomic import atomic_open, atomic_write_bytes
 from ._targets import normalise_mask_keys
 
 __all__ = [
@@ -192,7 +192,7 @@ def save_mask(
     """Save ``masks`` with JSON ``metadata`` as .pt, .npz or .safetensors.
 
     The format comes from ``format`` or the file extension. ``packed=True`` (safetensors
-    only) stores 8 mask elements per byte, 8x smaller (see ``sparselora.pruning.packed_masks``).
+    only) stores 8 mask elements per byte, 8x smaller (see ``sparselora.io.packed_masks``).
     The write is atomic: on any error the previous file at ``path`` is left as it was.
     """
     fmt = _resolve_format(path, format)
@@ -207,7 +207,7 @@ def save_mask(
             raise ValueError(f"mask name {name!r} is not allowed")
         tensors[name] = as_bool_mask(mask, f"masks[{name!r}]").detach().cpu().contiguous()
     if packed:
-        from .packed_masks import PackedMaskWriter
+        from ..io.packed_masks import PackedMaskWriter
 
         with PackedMaskWriter(path, {n: tuple(t.shape) for n, t in tensors.items()}, json.loads(meta)) as writer:
             for name, mask in tensors.items():
@@ -266,7 +266,7 @@ def load_mask(
     A truncated or corrupted file raises ValueError naming the file and format. Packed
     mask files (a file, a directory of shards or their index) are unpacked to bool.
     """
-    from .packed_masks import is_packed_file, read_packed_masks
+    from ..io.packed_masks import is_packed_file, read_packed_masks
 
     fmt = _resolve_format(path, format)
     path = Path(path)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save
 
-from ..utils.atomic import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes
 from ._targets import is_peft_model
 from .lora_config import SparseLoRAConfig
 from .lora_layer import SparseLoRALinear

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..utils.progress import bar_disabled
 from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity
-from .checkpoints import Checkpoint, StateDictSource, open_source
-from .packed_masks import PackedMaskWriter, count_kept, write_mask_index
+from ..io.checkpoints import Checkpoint, StateDictSource, open_source
+from ..io.packed_masks import PackedMaskWriter, count_kept, write_mask_index
 
 __all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES"]
 
