@@ -17,6 +17,7 @@ from typing import Mapping, Union
 
 import torch
 
+from .paths import contained
 from .safetensors import SafetensorsReader
 
 __all__ = ["Checkpoint", "StateDictSource", "open_source"]
@@ -83,15 +84,15 @@ class Checkpoint:
             try:
                 weight_map = json.loads(self.index_path.read_text())["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
+            except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError, TypeError):
                 raise ValueError(f"index {str(self.index_path)!r} is not a JSON object with a 'weight_map'") from None
-            by_file: dict[str, list[str]] = {}
+            by_file: dict[Path, list[str]] = {}
             for name, file in weight_map.items():
-                by_file.setdefault(file, []).append(name)
-            for file, names in by_file.items():
-                shard = self.path / file
+                # every shard must resolve inside the checkpoint's folder: nothing outside is opened
+                by_file.setdefault(contained(self.path, file, self.index_path), []).append(name)
+            for shard, names in by_file.items():
                 if not shard.is_file():
-                    raise FileNotFoundError(f"index {self.index_path.name} names shard {file!r}, which is missing")
+                    raise FileNotFoundError(f"index {str(self.index_path)!r} names shard {shard.name!r}, which is missing")
                 self._add_file(shard, names)
             return
         files = sorted(self.path.glob("*.safetensors"))
@@ -120,8 +121,11 @@ class Checkpoint:
     def _open_torch_file(self) -> None:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-            raise ValueError(f"could not read checkpoint {str(self.path)!r} as a torch state dict: {exc}") from None
+        except Exception:  # noqa: BLE001 - torch raises many kinds; its text advises unsafe loading
+            raise ValueError(
+                f"checkpoint {str(self.path)!r} could not be read as a torch state dict of tensors (it is damaged, or "
+                "holds objects other than tensors, which are never unpickled here); give a safetensors checkpoint"
+            ) from None
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -140,6 +144,10 @@ class Checkpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._state[name].dtype if self._state is not None else self._readers[name].dtype(name)
+
+    def file_of(self, name: str) -> Path:
+        """The file tensor ``name`` is read from."""
+        return self.path if self._state is not None else self._readers[name].path
 
     def read(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name``; with ``scratch`` (see ``SafetensorsReader.read``) a view into it."""

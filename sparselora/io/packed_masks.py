@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes
+from .paths import contained
 from .safetensors import SafetensorsReader, SafetensorsWriter
 
 __all__ = [
@@ -114,24 +115,36 @@ def is_packed_file(path: PathLike) -> bool:
 
 
 def packed_header(reader: SafetensorsReader) -> tuple[dict[str, list[int]], list[str], dict[str, Any]]:
-    """(shapes, mask names in order, user metadata) of a packed mask file."""
-    meta = reader.metadata
+    """(shapes, mask names in order, user metadata) of a packed mask file, checked: every
+    listed mask is a U8 tensor of ``ceil(n/8)`` bytes for its integer shape."""
+    meta, where = reader.metadata, repr(str(reader.path))
     if meta.get("format") != PACKED_FORMAT:
-        raise ValueError(f"{str(reader.path)!r} is not a packed mask file (format={meta.get('format')!r})")
+        raise ValueError(f"{where} is not a packed mask file (format={meta.get('format')!r})")
     try:
         shapes = json.loads(meta["shapes"])
         order = json.loads(meta.get("order", "[]")) or reader.names
         metadata = json.loads(meta.get(METADATA_KEY, "{}"))
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(reader.path)!r}: bad packed-mask header ({exc})") from None
-    missing = [n for n in order if n not in reader.entries or n not in shapes]
-    if missing:
-        raise ValueError(f"{str(reader.path)!r}: masks {missing[:5]} are listed but missing")
+        raise ValueError(f"{where}: bad packed-mask header ({exc})") from None
+    if not isinstance(shapes, dict) or not isinstance(order, list) or not isinstance(metadata, dict):
+        raise ValueError(f"{where}: bad packed-mask header (shapes, order and metadata must be JSON object/list/object)")
+    for name in order:
+        if name not in reader.entries or name not in shapes:
+            raise ValueError(f"{where}: mask {name!r} is listed but missing")
+        shape = shapes[name]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"{where}: mask {name!r} has shape {shape!r}; dims must be integers >= 0")
+        n = int(np.prod(shape, dtype=np.int64))
+        if reader.dtype(name) != torch.uint8 or reader.shape(name) != ((n + 7) // 8,):
+            raise ValueError(f"{where}: mask {name!r} must be {(n + 7) // 8} U8 bytes for shape {shape}, "
+                             f"found {reader.dtype(name)} {list(reader.shape(name))}")
     return shapes, order, metadata
 
 
 def read_index(path: PathLike) -> tuple[dict[str, str], dict[str, Any], list[Path]]:
-    """(weight_map, metadata, shard files) of a mask index, given the index or its directory."""
+    """(weight_map, metadata, shard files) of a mask index, given the index or its directory.
+
+    Every shard must resolve inside the index's folder (nothing outside is opened)."""
     path = Path(path)
     index = path / MASK_INDEX_NAME if path.is_dir() else path
     if not index.is_file():
@@ -139,12 +152,14 @@ def read_index(path: PathLike) -> tuple[dict[str, str], dict[str, Any], list[Pat
     try:
         content = json.loads(index.read_text())
         weight_map, metadata = content["weight_map"], content.get("metadata", {})
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"mask index {str(index)!r} is unreadable: {exc}") from None
-    shards = [index.parent / file for file in dict.fromkeys(weight_map.values())]
+    if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
+        raise ValueError(f"mask index {str(index)!r}: 'weight_map' and 'metadata' must be JSON objects")
+    shards = [contained(index.parent, file, index) for file in dict.fromkeys(weight_map.values())]
     for shard in shards:
         if not shard.is_file():
-            raise FileNotFoundError(f"mask index names shard {shard.name!r}, which is missing")
+            raise FileNotFoundError(f"mask index {str(index)!r} names shard {shard.name!r}, which is missing")
     return weight_map, metadata, shards
 
 

@@ -17,6 +17,8 @@ from typing import Iterable, Mapping, Union
 
 import torch
 
+from .atomic import mode_for, check_replaceable
+
 __all__ = ["SafetensorsReader", "SafetensorsWriter", "DTYPE_CODES", "CORRUPT"]
 
 PathLike = Union[str, os.PathLike]
@@ -30,55 +32,112 @@ _MAX_HEADER = 100 * 2**20
 CORRUPT = "is not a valid safetensors file"
 
 
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset`` of ``fd`` (no shared file position); bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.readv(fd, [view])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class SafetensorsReader:
     """Header and per-tensor reads of one ``.safetensors`` file.
 
-    Raises ValueError naming the file when the header is truncated or inconsistent.
+    The header is checked strictly: each entry names a known dtype, a shape of integers
+    >= 0 and an integer byte range of exactly the right length inside the data, ranges do
+    not overlap, and ``__metadata__`` maps strings to strings; anything else is a
+    ValueError naming the file. Every read goes through one open file descriptor, and a
+    file whose size, modification time or inode changes while it is open (rewritten
+    between two passes) is a ValueError naming it.
     """
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint file {str(self.path)!r} does not exist")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{str(self.path)!r} {CORRUPT}: shorter than its 8-byte header length")
-            (length,) = struct.unpack("<Q", raw)
-            if length > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"{str(self.path)!r} {CORRUPT}: header length {length} exceeds the file")
-            try:
-                header = json.loads(handle.read(length))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{str(self.path)!r} {CORRUPT}: header is not JSON ({exc})") from None
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            info = os.fstat(self._fd)
+            self._identity = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
+            self._parse(info.st_size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _corrupt(self, why: str) -> ValueError:
+        return ValueError(f"{str(self.path)!r} {CORRUPT}: {why}")
+
+    def _parse(self, size: int) -> None:
+        raw = os.pread(self._fd, 8, 0)
+        if len(raw) < 8:
+            raise self._corrupt("shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(_MAX_HEADER, size - 8):
+            raise self._corrupt(f"header length {length} exceeds the file")
+        try:
+            header = json.loads(os.pread(self._fd, length, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._corrupt(f"header is not JSON ({exc})") from None
         if not isinstance(header, dict):
-            raise ValueError(f"{str(self.path)!r} {CORRUPT}: header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            raise self._corrupt("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise self._corrupt("__metadata__ must be an object of strings")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + length
         data_size = size - self._data_start
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype = DTYPE_CODES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{str(self.path)!r} {CORRUPT}: bad header entry for {name!r}") from None
+            if not isinstance(info, dict) or info.get("dtype") not in DTYPE_CODES:
+                raise self._corrupt(f"entry {name!r} has no known dtype")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                raise self._corrupt(f"entry {name!r} has shape {shape!r}; dims must be integers >= 0")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+                raise self._corrupt(f"entry {name!r} has data_offsets {offsets!r}; expected two integers")
+            dtype, (begin, end) = DTYPE_CODES[info["dtype"]], offsets
             numel = 1
             for d in shape:
                 numel *= d
-            if not (0 <= begin <= end <= data_size) or end - begin != numel * _itemsize(dtype):
-                raise ValueError(f"{str(self.path)!r} {CORRUPT}: tensor {name!r} lies outside the file or has the wrong size")
-            self.entries[name] = (dtype, shape, begin, end)
-        # file order: the order the tensors were written in
-        self.names = sorted(self.entries, key=lambda n: self.entries[n][2])
+            if not 0 <= begin <= end <= data_size:
+                raise self._corrupt(f"tensor {name!r} lies outside the file (bytes {begin}..{end} of {data_size})")
+            if end - begin != numel * _itemsize(dtype):
+                raise self._corrupt(
+                    f"tensor {name!r} has {end - begin} bytes; {info['dtype']} {shape} needs {numel * _itemsize(dtype)}")
+            self.entries[name] = (dtype, tuple(shape), begin, end)
+        # file order: the order the tensors were written in; byte ranges may not overlap
+        self.names = sorted(self.entries, key=lambda n: (self.entries[n][2], self.entries[n][3]))
+        previous_end, previous = 0, None
+        for name in self.names:
+            begin, end = self.entries[name][2:]
+            if begin < previous_end:
+                raise self._corrupt(f"tensors {previous!r} and {name!r} overlap")
+            if end > begin:
+                previous_end, previous = end, name
 
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
+
+    def check_unchanged(self) -> None:
+        """Raise ValueError when the file was modified or replaced since it was opened."""
+        now = os.fstat(self._fd)
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            on_disk = None
+        same_file = on_disk is not None and (on_disk.st_ino, on_disk.st_dev) == self._identity[2:]
+        if (now.st_size, now.st_mtime_ns) != self._identity[:2] or not same_file:
+            raise ValueError(
+                f"{str(self.path)!r} changed while it was being read (size, modification time or inode); "
+                "results would mix two versions of it, so nothing was written"
+            )
 
     def read(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``name`` as a CPU tensor.
@@ -87,22 +146,29 @@ class SafetensorsReader:
         result is a view valid until the next read into the same scratch: one buffer for
         a whole pass instead of a fresh allocation (and its page faults) per tensor.
         """
+        self.check_unchanged()
         dtype, shape, begin, end = self.entries[name]
         nbytes = end - begin
         if scratch is not None and scratch.numel() >= nbytes:
             buffer = scratch[:nbytes]
         else:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self._data_start + begin)
-            view = memoryview(buffer.numpy())
-            done = 0
-            while done < nbytes:
-                got = handle.readinto(view[done:])
-                if not got:
-                    raise ValueError(f"{str(self.path)!r} {CORRUPT}: truncated inside tensor {name!r}")
-                done += got
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < nbytes:
+            got = _read_at(self._fd, view[done:], self._data_start + begin + done)
+            if not got:
+                raise self._corrupt(f"truncated inside tensor {name!r}")
+            done += got
         return buffer.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -142,7 +208,9 @@ class SafetensorsWriter:
         self._next = 0
 
     def __enter__(self) -> "SafetensorsWriter":
+        check_replaceable(self.path)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, mode_for(self.path))
         self._handle = os.fdopen(fd, "wb")
         self._handle.write(self._header)
         return self
@@ -166,7 +234,11 @@ class SafetensorsWriter:
                 os.fsync(self._handle.fileno())
         finally:
             self._handle.close()
-            if exc_type is None and self._next == len(self._order):
-                os.replace(self._tmp, self.path)
-            elif os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+            done = exc_type is None and self._next == len(self._order)
+            try:
+                if done:
+                    check_replaceable(self.path)
+                    os.replace(self._tmp, self.path)
+            finally:
+                if os.path.exists(self._tmp):
+                    os.unlink(self._tmp)

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -14,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..io.atomic import atomic_open, atomic_write_bytes
+from ..io.atomic import atomic_open
+from ..io.mask_files import MASK_FORMATS, METADATA_KEY, metadata_json, read_mask_file, resolve_format, write_mask_file
 from ._targets import normalise_mask_keys
 
 __all__ = [
@@ -29,11 +28,6 @@ __all__ = [
     "MASK_FORMATS",
 ]
 
-MASK_FORMATS = ("pt", "npz", "safetensors")
-_EXTENSIONS = {".pt": "pt", ".pth": "pt", ".npz": "npz", ".safetensors": "safetensors"}
-_METADATA_KEY = "__sparselora_metadata__"
-_FORMAT_TAG = "sparselora-masks"
-_ORDER_KEY = "__sparselora_order__"
 PathLike = Union[str, os.PathLike]
 
 
@@ -155,33 +149,6 @@ def validate_nm_mask(
             )
 
 
-def _resolve_format(path: PathLike, format: str | None) -> str:
-    if format is None and (Path(path).is_dir() or str(path).endswith(".index.json")):
-        return "safetensors"  # sharded packed masks
-    if format is not None:
-        if format not in MASK_FORMATS:
-            raise ValueError(f"format={format!r} is unknown; accepted: {', '.join(MASK_FORMATS)}")
-        return format
-    suffix = Path(path).suffix.lower()
-    if suffix not in _EXTENSIONS:
-        raise ValueError(
-            f"cannot infer the mask format from {str(path)!r}; pass format= one of "
-            f"{', '.join(MASK_FORMATS)} or use a .pt/.npz/.safetensors extension"
-        )
-    return _EXTENSIONS[suffix]
-
-
-def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
-    if metadata is None:
-        return "{}"
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        return json.dumps(dict(metadata), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-serialisable (str, numbers, bools, lists, dicts): {exc}") from None
-
-
 def save_mask(
     masks: Mapping[str, torch.Tensor],
     path: PathLike,
@@ -195,66 +162,18 @@ def save_mask(
     only) stores 8 mask elements per byte, 8x smaller (see ``sparselora.io.packed_masks``).
     The write is atomic: on any error the previous file at ``path`` is left as it was.
     """
-    fmt = _resolve_format(path, format)
+    fmt = resolve_format(path, format)
     if packed and fmt != "safetensors":
         raise ValueError(f"packed=True needs format='safetensors', got format={fmt!r}")
     if not isinstance(masks, Mapping) or not masks:
         raise ValueError("masks must be a non-empty dict of parameter name -> bool tensor")
-    meta = _metadata_json(metadata)
+    meta = metadata_json(metadata)
     tensors = {}
     for name, mask in masks.items():
-        if not isinstance(name, str) or not name or name == _METADATA_KEY:
+        if not isinstance(name, str) or not name or name == METADATA_KEY:
             raise ValueError(f"mask name {name!r} is not allowed")
         tensors[name] = as_bool_mask(mask, f"masks[{name!r}]").detach().cpu().contiguous()
-    if packed:
-        from ..io.packed_masks import PackedMaskWriter
-
-        with PackedMaskWriter(path, {n: tuple(t.shape) for n, t in tensors.items()}, json.loads(meta)) as writer:
-            for name, mask in tensors.items():
-                writer.write(name, mask)
-    elif fmt == "pt":
-        with atomic_open(path) as handle:
-            torch.save({"format": _FORMAT_TAG, "version": 1, "metadata": meta, "masks": tensors}, handle)
-    elif fmt == "npz":
-        arrays = {name: t.numpy() for name, t in tensors.items()}
-        arrays[_METADATA_KEY] = np.frombuffer(meta.encode(), dtype=np.uint8)
-        with atomic_open(path) as handle:
-            np.savez_compressed(handle, **arrays)
-    else:
-        from safetensors.torch import save
-
-        # safetensors sorts its keys; the order (model order) is kept in the header
-        header = {_METADATA_KEY: meta, "format": _FORMAT_TAG, _ORDER_KEY: json.dumps(list(tensors))}
-        atomic_write_bytes(path, save(tensors, metadata=header))
-
-
-def _read(path: Path, fmt: str) -> tuple[dict[str, Any], str]:
-    if fmt == "pt":
-        # torch's zip reader skips CRC checks; verify them so damaged data is not loaded
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-        if damaged is not None:
-            raise ValueError(f"record {damaged!r} fails its CRC check")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and obj.get("format") == _FORMAT_TAG:
-            return dict(obj["masks"]), obj.get("metadata", "{}")
-        if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj), "{}"  # a plain {name: tensor} file written by other tools
-        raise ValueError("the file holds no masks (expected a dict of tensors)")
-    if fmt == "npz":
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        meta = arrays.pop(_METADATA_KEY, np.frombuffer(b"{}", dtype=np.uint8))
-        return arrays, bytes(meta.astype(np.uint8)).decode()
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-        names = list(handle.keys())
-        order = json.loads(header.get(_ORDER_KEY, "[]"))
-        if sorted(order) == sorted(names):
-            names = order
-        return {name: handle.get_tensor(name) for name in names}, header.get(_METADATA_KEY, "{}")
+    write_mask_file(tensors, path, fmt, meta, packed)
 
 
 def load_mask(
@@ -266,25 +185,21 @@ def load_mask(
     A truncated or corrupted file raises ValueError naming the file and format. Packed
     mask files (a file, a directory of shards or their index) are unpacked to bool.
     """
-    from ..io.packed_masks import is_packed_file, read_packed_masks
-
-    fmt = _resolve_format(path, format)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device ({exc}); e.g. 'cpu' or 'cuda:0'") from None
+    fmt = resolve_format(path, format)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
-    try:
-        if fmt == "safetensors" and is_packed_file(path):
-            raw, metadata = read_packed_masks(path)
-        else:
-            raw, meta = _read(path, fmt)
-            metadata = json.loads(meta)
-    except (ValueError, KeyError, EOFError, OSError, RuntimeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise ValueError(f"could not read masks from {str(path)!r} as {fmt}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' own error type, unpickling refusals
-        raise ValueError(f"could not read masks from {str(path)!r} as {fmt}: {exc}") from None
-    if not raw:
-        raise ValueError(f"{str(path)!r} holds no masks")
-    masks = {name: as_bool_mask(t, f"mask {name!r} in {path}").to(device) for name, t in raw.items()}
+    raw, metadata = read_mask_file(path, fmt)
+    masks = {}
+    for name, t in raw.items():
+        try:
+            masks[name] = as_bool_mask(t, f"mask {name!r}").to(device)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{str(path)!r}: {exc}") from None
     return masks, metadata
 
 
