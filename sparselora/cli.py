@@ -3,11 +3,82 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
+import math
+import os
+import re
+import shutil
+import signal
 import sys
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
+
+# What a command prints when it fails: one line, ``sparselora <command>: error: <message>``,
+# exit 2 (exit 1 is reserved for "validate found violations", "demo lost sparsity").
+# Ctrl-C: ``sparselora <command>: interrupted``, exit 130. Either way, the outputs this run
+# created are removed; nothing that existed before the command started is.
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+# Set to a non-empty value to see the full traceback of an error (for bug reports).
+TRACEBACK_ENV = "SPARSELORA_TRACEBACK"
+
+# ANSI/VT escape sequences (CSI, OSC, two-byte) and the other control characters
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# the Python API's words for what the CLI calls flags
+_API_WORDS = [
+    (re.compile(r"overwrite=True\s*\(--overwrite\)"), "--overwrite"),
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"distributed=True\s*\(--distributed\)"), "--distributed"),
+    (re.compile(r"\bdistributed=True\b"), "--distributed"),
+]
+
+
+def _one_line(text: object) -> str:
+    """``text`` as one line of plain text: escape sequences and control characters
+    stripped, lines joined with spaces, the API's ``overwrite=True`` read as ``--overwrite``."""
+    text = _ESCAPES.sub("", str(text)).replace("\t", " ")
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    text = _CONTROLS.sub("", text)
+    for pattern, flag in _API_WORDS:
+        text = pattern.sub(flag, text)
+    return text
+
+
+def _printable(text: object) -> str:
+    """A name or value read from a file, safe to print: control characters (escape
+    sequences, newlines) are shown escaped instead of reaching the terminal."""
+    text = str(text)
+    if _CONTROLS.search(text) or any(c in text for c in "\n\t\u2028\u2029\x85"):
+        return text.encode("unicode_escape").decode("ascii")
+    return text
+
+
+# exceptions that carry a message written for the user: printed as is, without their type
+_DOCUMENTED = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def _describe(exc: BaseException, aliases: dict[str, str] | None = None) -> str:
+    """``exc`` as one line; ``aliases`` maps internal paths (staging files) to the user's."""
+    message = str(exc)
+    for internal, shown in sorted((aliases or {}).items(), key=lambda item: -len(item[0])):
+        message = message.replace(internal, shown)
+    message = _one_line(message)
+    if isinstance(exc, _DOCUMENTED):
+        return message or type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``sparselora <command>: error: <message>``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {_one_line(message)} (see: {self.prog} --help)\n")
 
 
 def _fraction(text: str) -> float:
@@ -17,6 +88,43 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a number >= 0")
+    return value
+
+
+def _dropout(text: str) -> float:
+    value = _fraction(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
+    return value
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
     return value
 
 
@@ -31,7 +139,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparselora", description="Pruning masks and sparsity-preserving LoRA for PyTorch models."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sparsity", type=_fraction, default=0.7, help="fraction of weights pruned (default 0.7)")
     demo.add_argument("--dense-steps", type=_positive_int, default=400, help="dense training steps (default 400)")
     demo.add_argument("--lora-steps", type=_positive_int, default=200, help="sparse LoRA steps (default 200)")
-    demo.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    demo.add_argument("--rank", type=_rank, default=16, help="LoRA rank (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("-o", "--output-dir", type=Path, default=Path("sparselora-demo"),
                       help="where masks and the histogram go (default ./sparselora-demo)")
@@ -64,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one threshold for all weights (global, default) or the same fraction per weight (layer)")
     masks.add_argument("--include", action="append", metavar="GLOB", help="only weights matching GLOB (repeatable)")
     masks.add_argument("--exclude", action="append", metavar="GLOB", help="skip weights matching GLOB (repeatable)")
-    masks.add_argument("-o", "--output", type=Path, required=True,
-                       help="MASKS.safetensors (one file) or a directory (one shard per rank + index)")
+    masks.add_argument("-o", "--output", required=True,
+                       help="MASKS.safetensors (packed, one file), MASKS.pt or MASKS.npz (unpacked), or a directory "
+                       "(no suffix, or ending in '/': one packed shard per rank + index)")
     masks.add_argument("--distributed", action="store_true", help="split the work across torchrun ranks")
     _common(masks)
 
@@ -89,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Exit 0 when every pruned weight is zero (|w| <= --tolerance), 1 otherwise.")
     validate.add_argument("checkpoint", type=Path)
     validate.add_argument("masks", type=Path)
-    validate.add_argument("--tolerance", type=float, default=0.0, help="largest |w| counted as zero (default 0)")
+    validate.add_argument("--tolerance", type=_non_negative, default=0.0, help="largest |w| counted as zero (default 0)")
     _common(validate, overwrite=False)
 
     cerebras = commands.add_parser(
@@ -100,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cerebras.add_argument("base", type=Path, help="base trainer config (YAML)")
     cerebras.add_argument("--masks", type=Path, required=True, help="mask file (any format)")
-    cerebras.add_argument("--lora-r", type=int, help="LoRA rank; omit for sparse full fine-tuning")
-    cerebras.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
-    cerebras.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    cerebras.add_argument("--lora-r", type=_rank, help="LoRA rank; omit for sparse full fine-tuning")
+    cerebras.add_argument("--lora-alpha", type=_finite, default=32.0, help="LoRA alpha (default 32)")
+    cerebras.add_argument("--lora-dropout", type=_dropout, default=0.0, help="LoRA dropout (default 0)")
     cerebras.add_argument("--lora-target", action="append", metavar="NAME",
                           help="module class (or q_proj/k_proj/v_proj/o_proj); default: every Linear")
     cerebras.add_argument("--mode", choices=["sparse_to_dense", "sparse_to_sparse"], default="sparse_to_dense")
@@ -111,11 +220,207 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_cerebras_config(args: argparse.Namespace) -> int:
+def _common(parser: argparse.ArgumentParser, progress: bool = True, overwrite: bool = True) -> None:
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+class _Outputs:
+    """The outputs of one run and what was at their paths before it started.
+
+    On failure, :meth:`discard` removes what this run created there and nothing that
+    existed before: a path that was absent is removed whole; inside a directory that
+    existed, only new entries whose names match the glob patterns given for it.
+    """
+
+    def __init__(self) -> None:
+        self._paths: list[tuple[Path, bool, frozenset[str] | None, tuple[str, ...]]] = []
+        self.aliases: dict[str, str] = {}  # internal path -> the path the user gave, for messages
+
+    def add(self, path: Path, new_entries: Sequence[str] = ()) -> None:
+        """Record ``path`` as it is now (call before anything is written to it)."""
+        existed = os.path.lexists(path)
+        entries = None
+        if existed and new_entries and path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                entries = frozenset(os.listdir(path))
+        self._paths.append((path, existed, entries, tuple(new_entries)))
+
+    def created(self, path: Path) -> None:
+        """Record ``path`` as made by this run (a staging directory)."""
+        self._paths.append((path, False, None, ()))
+
+    def discard(self) -> None:
+        for path, existed, entries, patterns in reversed(self._paths):
+            if not existed:
+                _remove(path)
+            elif entries is not None:
+                with contextlib.suppress(OSError):
+                    for name in set(os.listdir(path)) - entries:
+                        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                            _remove(path / name)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            path.unlink()
+
+
+# what compute_checkpoint_masks writes into a directory output
+_MASK_DIR_ENTRIES = ("masks-*-of-*.safetensors", "masks.safetensors.index.json")
+_MASK_SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".npz": "npz"}
+_MASK_OUTPUTS = ".safetensors (packed), .pt, .npz, or a directory (no suffix, or ending in '/')"
+
+
+def _mask_output_kind(raw: str, distributed: bool) -> str:
+    """'directory', 'safetensors', 'pt' or 'npz' for ``masks -o RAW``."""
+    path = Path(raw)
+    if raw.endswith(("/", os.sep)) and path.suffix.lower() == ".safetensors" and not path.is_dir():
+        raise ValueError(f"--output {raw!r}: a name ending in .safetensors is one file; name the directory otherwise")
+    if raw.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+        return "directory"
+    kind = _MASK_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"--output {raw!r}: unknown suffix {path.suffix!r}; accepted: {_MASK_OUTPUTS}")
+    if distributed:
+        raise ValueError(f"--output {raw!r}: with --distributed the output is a directory (one shard per rank); "
+                         "give a path without a suffix or ending in '/'")
+    return kind
+
+
+_INPUTS = {
+    "masks": [("checkpoint", "checkpoint")],
+    "stats": [("masks", "masks")],
+    "apply": [("checkpoint", "checkpoint"), ("masks", "masks")],
+    "validate": [("checkpoint", "checkpoint"), ("masks", "masks")],
+    "cerebras-config": [("base config", "base"), ("masks", "masks")],
+}
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    return [(label, getattr(args, attr)) for label, attr in _INPUTS.get(args.command, ())]
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path, tuple[str, ...]]]:
+    if args.command == "masks":
+        return [("--output", Path(args.output), _MASK_DIR_ENTRIES)]
+    if args.command == "stats":
+        return [("--plot", args.plot, ())] if args.plot is not None else []
+    if args.command in ("apply", "demo"):
+        return [("--output-dir", args.output_dir, ())]
+    if args.command == "cerebras-config":
+        return [("--output", args.output, ())]
+    return []
+
+
+def _check_paths(args: argparse.Namespace, outputs: _Outputs) -> None:
+    """Refuse missing inputs, unknown output forms and existing outputs (without
+    --overwrite) before any work; record the outputs' state for :meth:`_Outputs.discard`."""
+    if args.command == "masks":
+        _mask_output_kind(args.output, args.distributed)
+    for label, path in _inputs(args):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{label} {str(path)!r} does not exist")
+    for flag, path, new_entries in _outputs(args):
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{flag} {str(path)!r}: directory {str(path.parent)!r} does not exist")
+        if hasattr(args, "overwrite") and not args.overwrite and os.path.lexists(path):
+            raise FileExistsError(f"{flag} {str(path)!r} exists; pass --overwrite to replace it")
+        outputs.add(path, new_entries)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _run_masks(args: argparse.Namespace, outputs: _Outputs) -> int:
+    from .pruning.streaming import compute_checkpoint_masks
+
+    kind = _mask_output_kind(args.output, args.distributed)
+    output = Path(args.output)
+
+    def compute(target: Path, overwrite: bool) -> dict:
+        return compute_checkpoint_masks(
+            args.checkpoint, args.sparsity, target, scope=args.scope, include=args.include, exclude=args.exclude,
+            overwrite=overwrite, progress=_progress(args), distributed=args.distributed,
+        )
+
+    if kind == "directory" or output.suffix == ".safetensors":
+        summary = compute(output, args.overwrite)
+    else:
+        # packed safetensors in a staging folder beside the output, then the asked format
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        outputs.created(staging)
+        try:
+            packed = staging / "masks.safetensors"
+            outputs.aliases[str(packed)] = args.output
+            summary = compute(packed, False)
+            if kind == "safetensors":
+                os.replace(packed, output)
+            else:
+                from .pruning.mask_ops import load_mask, save_mask
+
+                masks, metadata = load_mask(packed)
+                save_mask(masks, output, metadata, format=kind)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if summary["rank"] == 0:
+        print(f"{len(summary['targets'])} weights, {summary['total']:,} parameters: {summary['total_pruned']:,} pruned "
+              f"({summary['sparsity']:.4%}, scope {args.scope}) in {summary['seconds']:.1f} s on {summary['world']} "
+              f"process(es) -> {args.output}")
+    return 0
+
+
+def _run_stats(args: argparse.Namespace, outputs: _Outputs) -> int:
+    from .pruning.mask_ops import compute_sparsity_stats, load_mask, plot_sparsity_histogram
+
+    masks, metadata = load_mask(args.masks)
+    stats = compute_sparsity_stats(masks)
+    g = stats["global"]
+    print(f"{args.masks}: {g['num_layers']} masks, {g['total_params']:,} parameters, {g['total_pruned']:,} pruned")
+    print(f"global sparsity {g['sparsity']:.4%}; per layer mean {g['mean_layer_sparsity']:.2%}, "
+          f"std {g['std_layer_sparsity']:.2%}, min {g['min_layer_sparsity']:.2%}, max {g['max_layer_sparsity']:.2%}")
+    if metadata:
+        print("metadata: " + ", ".join(f"{_printable(k)}={_printable(v)}" for k, v in metadata.items()))
+    if args.per_layer:
+        for name, layer in stats["per_layer"].items():
+            print(f"  {_printable(name)}: {layer['sparsity']:.2%} of {layer['num_params']:,}")
+    if args.plot:
+        plot_sparsity_histogram(masks, save_path=args.plot)
+        print(f"histogram -> {args.plot}")
+    return 0
+
+
+def _run_apply(args: argparse.Namespace, outputs: _Outputs) -> int:
+    from .pruning.checkpoint_ops import apply_masks_to_checkpoint
+
+    summary = apply_masks_to_checkpoint(args.checkpoint, args.masks, args.output_dir, overwrite=args.overwrite,
+                                        progress=_progress(args))
+    print(f"{summary['tensors']} tensors written, {summary['masked']} masked, {summary['pruned']:,} weights zeroed "
+          f"in {summary['seconds']:.1f} s -> {summary['output']}")
+    return 0
+
+
+def _run_validate(args: argparse.Namespace, outputs: _Outputs) -> int:
+    from .pruning.checkpoint_ops import validate_checkpoint_masks
+
+    ok, report = validate_checkpoint_masks(args.checkpoint, args.masks, args.tolerance, progress=_progress(args))
+    g = report["global"]
+    print(f"{'valid' if ok else 'INVALID'}: {g['total_violations']:,} of {g['total_pruned']:,} pruned weights are "
+          f"non-zero ({g['violation_rate']:.4%}) in {g['num_layers']} tensors")
+    for name in g["layers_with_violations"][:20]:
+        print(f"  {_printable(name)}: {report['per_layer'][name]['violations']:,} violations")
+    return 0 if ok else 1
+
+
+def _run_cerebras_config(args: argparse.Namespace, outputs: _Outputs) -> int:
     from .cerebras.config import create_sparse_config
 
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"output {str(args.output)!r} exists; pass --overwrite to replace it")
     lora = None
     if args.lora_r is not None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
@@ -126,95 +431,93 @@ def _run_cerebras_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, progress: bool = True, overwrite: bool = True) -> None:
-    if progress:
-        parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if overwrite:
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-
-
-def _run_masks(args: argparse.Namespace) -> int:
-    from .pruning.streaming import compute_checkpoint_masks
-
-    summary = compute_checkpoint_masks(
-        args.checkpoint, args.sparsity, args.output, scope=args.scope, include=args.include, exclude=args.exclude,
-        overwrite=args.overwrite, progress=False if args.no_progress else None, distributed=args.distributed,
-    )
-    if summary["rank"] == 0:
-        print(f"{len(summary['targets'])} weights, {summary['total']:,} parameters: {summary['total_pruned']:,} pruned "
-              f"({summary['sparsity']:.4%}, scope {args.scope}) in {summary['seconds']:.1f} s on {summary['world']} "
-              f"process(es) -> {summary['output']}")
-    return 0
-
-
-def _run_stats(args: argparse.Namespace) -> int:
-    from .pruning.mask_ops import compute_sparsity_stats, load_mask, plot_sparsity_histogram
-
-    masks, metadata = load_mask(args.masks)
-    stats = compute_sparsity_stats(masks)
-    g = stats["global"]
-    print(f"{args.masks}: {g['num_layers']} masks, {g['total_params']:,} parameters, {g['total_pruned']:,} pruned")
-    print(f"global sparsity {g['sparsity']:.4%}; per layer mean {g['mean_layer_sparsity']:.2%}, "
-          f"std {g['std_layer_sparsity']:.2%}, min {g['min_layer_sparsity']:.2%}, max {g['max_layer_sparsity']:.2%}")
-    if metadata:
-        print("metadata: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
-    if args.per_layer:
-        for name, layer in stats["per_layer"].items():
-            print(f"  {name}: {layer['sparsity']:.2%} of {layer['num_params']:,}")
-    if args.plot:
-        plot_sparsity_histogram(masks, save_path=args.plot)
-        print(f"histogram -> {args.plot}")
-    return 0
-
-
-def _run_apply(args: argparse.Namespace) -> int:
-    from .pruning.checkpoint_ops import apply_masks_to_checkpoint
-
-    summary = apply_masks_to_checkpoint(args.checkpoint, args.masks, args.output_dir, overwrite=args.overwrite,
-                                        progress=False if args.no_progress else None)
-    print(f"{summary['tensors']} tensors written, {summary['masked']} masked, {summary['pruned']:,} weights zeroed "
-          f"in {summary['seconds']:.1f} s -> {summary['output']}")
-    return 0
-
-
-def _run_validate(args: argparse.Namespace) -> int:
-    from .pruning.checkpoint_ops import validate_checkpoint_masks
-
-    ok, report = validate_checkpoint_masks(args.checkpoint, args.masks, args.tolerance,
-                                           progress=False if args.no_progress else None)
-    g = report["global"]
-    print(f"{'valid' if ok else 'INVALID'}: {g['total_violations']:,} of {g['total_pruned']:,} pruned weights are "
-          f"non-zero ({g['violation_rate']:.4%}) in {g['num_layers']} tensors")
-    for name in g["layers_with_violations"][:20]:
-        print(f"  {name}: {report['per_layer'][name]['violations']:,} violations")
-    return 0 if ok else 1
-
-
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace, outputs: _Outputs) -> int:
     from .demo import DemoSettings, run_demo
 
-    if not args.output_dir.parent.exists():
-        raise ValueError(f"--output-dir: parent directory {str(args.output_dir.parent)!r} does not exist")
     result = run_demo(
         DemoSettings(
             sparsity=args.sparsity, dense_steps=args.dense_steps, lora_steps=args.lora_steps,
-            lora_rank=args.rank, seed=args.seed, output_dir=args.output_dir,
-            progress=False if args.no_progress else None,
+            lora_rank=args.rank, seed=args.seed, output_dir=args.output_dir, progress=_progress(args),
         )
     )
     return 0 if result["sparsity_preserved"] else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sparselora`` console script."""
-    args = build_parser().parse_args(argv)
-    handlers = {"demo": _run_demo, "masks": _run_masks, "stats": _run_stats, "apply": _run_apply,
-                "validate": _run_validate, "cerebras-config": _run_cerebras_config}
+_HANDLERS: dict[str, Callable[[argparse.Namespace, _Outputs], int]] = {
+    "demo": _run_demo, "masks": _run_masks, "stats": _run_stats, "apply": _run_apply,
+    "validate": _run_validate, "cerebras-config": _run_cerebras_config,
+}
+
+
+def _tell(line: str) -> None:
+    """One line on stderr; a closed stderr is not an error of its own."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _warning_printer(prefix: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        _tell(f"{prefix}: warning: {_one_line(message) or category.__name__}")
+
+    return show
+
+
+def _discard(outputs: _Outputs) -> None:
+    """Remove this run's outputs; a second Ctrl-C does not stop the cleanup halfway."""
     try:
-        return handlers[args.command](args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"sparselora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # not the main thread
+        previous = None
+    try:
+        outputs.discard()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparselora`` console script.
+
+    Exit codes: 0 success; 1 validate found violations (demo: sparsity lost); 2 an error,
+    printed as one line ``sparselora <command>: error: <message>`` (a full traceback when
+    the environment variable SPARSELORA_TRACEBACK is set); 130 interrupted (Ctrl-C). On
+    any failure the outputs this run created are removed; what existed before is kept.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        _tell("sparselora: interrupted")
+        return EXIT_INTERRUPTED
+    prefix = f"sparselora {args.command}"
+    outputs = _Outputs()
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(prefix)
+            _check_paths(args, outputs)
+            return _HANDLERS[args.command](args, outputs)
+    except KeyboardInterrupt:
+        _discard(outputs)
+        _tell(f"{prefix}: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of stdout went away (``| head``): stop quietly, as tools killed by SIGPIPE do
+        _discard(outputs)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            _discard(outputs)
+        raise
+    except Exception as exc:
+        _discard(outputs)
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        _tell(f"{prefix}: error: {_describe(exc, outputs.aliases)}")
+        return EXIT_ERROR
+    except BaseException:
+        _discard(outputs)
+        raise
 
 
 if __name__ == "__main__":

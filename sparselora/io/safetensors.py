@@ -65,7 +65,7 @@ class SafetensorsReader:
             self._identity = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
             self._parse(info.st_size)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _corrupt(self, why: str) -> ValueError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence, Union
 
@@ -23,6 +24,8 @@ __all__ = [
     "normalise_mask_keys",
     "is_peft_model",
     "is_hf_conv1d",
+    "warn_overpruned",
+    "DENSE_MODULES",
     "refuse_peft_model",
 ]
 
@@ -31,6 +34,9 @@ SparsitySpec = Union[float, Mapping[str, float]]
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # substrings that mark a state-dict tensor as not prunable by default (as ModelZoo does)
 _DENSE_BY_NAME = ("embed", "norm", "lm_head", "pe_helper")
+# task heads and poolers: small, task-specific, and a global threshold would prune them away
+DENSE_MODULES = ("lm_head", "pooler", "classifier", "score")
+OVERPRUNED = 0.95  # a tensor above this sparsity under a global threshold is reported
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ def model_targets(model: nn.Module) -> list[Target]:
         weight = module.weight
         if not isinstance(weight, torch.Tensor) or id(weight) in seen:
             continue
-        if module_name.split(".")[-1] == "lm_head" or id(weight) in tied:
+        if _is_dense_module(module_name) or id(weight) in tied:
             continue
         seen.add(id(weight))
         name = f"{module_name}.weight" if module_name else "weight"
@@ -94,6 +100,27 @@ def state_dict_targets(state_dict: Mapping[str, torch.Tensor]) -> list[Target]:
     return targets
 
 
+def _is_dense_module(module_name: str) -> bool:
+    """Heads and poolers stay dense by default: any path component named in DENSE_MODULES."""
+    return any(part in DENSE_MODULES for part in module_name.split("."))
+
+
+def warn_overpruned(pruned: Mapping[str, int], numel: Mapping[str, int], where: str = "") -> list[str]:
+    """Warn (UserWarning) naming the tensors a global threshold left above OVERPRUNED
+    sparsity; returns their names."""
+    heavy = [n for n, count in pruned.items() if numel.get(n) and count / numel[n] > OVERPRUNED]
+    if heavy:
+        shown = ", ".join(f"{n} ({pruned[n] / numel[n]:.2%})" for n in heavy[:5])
+        more = f" and {len(heavy) - 5} more" if len(heavy) > 5 else ""
+        warnings.warn(
+            f"the global threshold{where} prunes {len(heavy)} tensor(s) above {OVERPRUNED:.0%}: {shown}{more}; their "
+            "weights are small next to the others. Exclude them (exclude=/--exclude) or use scope='layer'.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return heavy
+
+
 def _module_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
@@ -106,6 +133,7 @@ def is_default_target(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> 
         and dtype.is_floating_point
         and name.endswith("weight")
         and not any(word in lowered for word in _DENSE_BY_NAME)
+        and not _is_dense_module(_module_of(name))
     )
 
 

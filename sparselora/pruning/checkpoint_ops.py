@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -17,6 +16,8 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..utils.progress import bar_disabled
+from ..io.atomic import staging_dir, swap_directory
+from ..io.paths import check_apart
 from ..io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..io.checkpoints import Checkpoint
 from ..io.packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
@@ -64,7 +65,10 @@ class MaskFile:
 
             return as_bool_mask(self._masks[name], f"mask {name!r}")
         reader, shape = self._readers[name]
-        return unpack(reader.read(name), shape)
+        try:
+            return unpack(reader.read(name), shape)
+        except ValueError as exc:
+            raise ValueError(f"mask {name!r} in {str(reader.path)!r}: {exc}") from None
 
 
 def _check_match(checkpoint: Checkpoint, masks: MaskFile) -> None:
@@ -77,6 +81,37 @@ def _check_match(checkpoint: Checkpoint, masks: MaskFile) -> None:
         raise ValueError(f"mask shapes differ from the checkpoint's tensors: {wrong[:5]}")
 
 
+_COMPANION_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".md", ".tiktoken")
+
+
+def _copy_companions(source: Checkpoint, staging: Path) -> None:
+    """Everything of the checkpoint that is not a rewritten shard: the whole folder tree of a
+    directory checkpoint (config, tokenizer, sub-folders such as sentence-transformers'
+    ``1_Pooling/``), links kept as links so nothing outside is read; for a single file, the
+    small files beside it (config, tokenizer) so that ``from_pretrained`` loads the result."""
+    shards = {f.resolve() for f in source.files}
+    folder = source.path if source.path.is_dir() else source.path.parent
+    if source.path.is_dir():
+        for item in sorted(folder.rglob("*")):
+            relative = item.relative_to(folder)
+            if any(p.startswith(".") for p in relative.parts) or item.resolve() in shards:
+                continue  # hidden files (staging areas), and the shards, written pruned above
+            target = staging / relative
+            if item.is_symlink():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.readlink(item), target)
+            elif item.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif item.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target, follow_symlinks=False)
+        return
+    for item in sorted(folder.iterdir()):
+        if (item.is_file() and not item.is_symlink() and item.suffix in _COMPANION_SUFFIXES
+                and not item.name.endswith(".index.json") and item.resolve() not in shards):
+            shutil.copy2(item, staging / item.name)
+
+
 def apply_masks_to_checkpoint(
     checkpoint: PathLike,
     masks: Union[PathLike, Mapping[str, torch.Tensor]],
@@ -87,10 +122,13 @@ def apply_masks_to_checkpoint(
 ) -> dict[str, Any]:
     """Write a copy of ``checkpoint`` into ``output_dir`` with the pruned weights set to 0.
 
-    Shard files keep their names, tensor order and dtypes, and the index and the small
-    files beside the shards (config, tokenizer) are copied, so the result loads wherever
-    the original did (e.g. ``from_pretrained`` or ``cszoo checkpoint convert``). The
-    output is assembled in a temporary directory and appears only when complete.
+    Shard files keep their names, tensor order and dtypes, and the rest of the checkpoint's
+    folder tree (index, config, tokenizer, sub-folders) is copied; from a single file, the
+    small files beside it (config, tokenizer) are. So the result loads wherever the original
+    did (e.g. ``from_pretrained`` or ``cszoo checkpoint convert``). The output is assembled in
+    a folder beside it and swapped in when complete: an existing output (``overwrite=True``)
+    is moved aside, never deleted first, and kept if the swap fails. An output equal to,
+    inside, or containing the checkpoint or the masks is refused.
     """
     start = time.perf_counter()
     source = Checkpoint(checkpoint)
@@ -101,17 +139,23 @@ def apply_masks_to_checkpoint(
     output = Path(output_dir)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory's parent {str(output.parent)!r} does not exist")
+    mask_paths = [] if isinstance(masks, Mapping) else [masks]
+    check_apart(output, [source.path, *mask_paths], "output_dir")
     if output.exists() and not overwrite:
-        raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True to replace it")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {str(output)!r} exists and is not a directory; it is not replaced")
     masked = set(mask_file.names)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = staging_dir(output)
     pruned = 0
     try:
         bar = tqdm(total=len(source.names), desc="apply", unit="tensor", disable=bar_disabled(progress))
         for file, names in source.files.items():
             reader = SafetensorsReader(file)
             layout = [(n, reader.dtype(n), reader.shape(n)) for n in reader.names]
-            with SafetensorsWriter(staging / file.name, layout, reader.metadata) as writer:
+            target = staging / (file.resolve().relative_to(source.path.resolve()) if source.path.is_dir() else file.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with SafetensorsWriter(target, layout, reader.metadata) as writer:
                 for name in reader.names:
                     tensor = reader.read(name)
                     if name in masked:
@@ -120,15 +164,10 @@ def apply_masks_to_checkpoint(
                         ops.apply_mask_(tensor, mask)
                     writer.write(name, tensor)
                     bar.update(1)
+            reader.close()
         bar.close()
-        folder = source.path if source.path.is_dir() else None
-        if folder is not None:
-            for extra in folder.iterdir():
-                if extra.is_file() and extra.suffix != ".safetensors":
-                    shutil.copy2(extra, staging / extra.name)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        _copy_companions(source, staging)
+        swap_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -30,6 +30,7 @@ from ._targets import (
     normalise_mask_keys,
     resolve_sparsity,
     state_dict_targets,
+    warn_overpruned,
 )
 from .mask_ops import as_bool_mask
 
@@ -242,6 +243,8 @@ def masks_from_scores(
             group_masks = ops.select_prune_mask(group, k, absolute=absolute)
         for t, mask in zip(chosen, group_masks):
             masks[t.name] = finish(t, mask)
+        warn_overpruned({n: int(m.numel() - m.count_nonzero()) for n, m in masks.items()},
+                        {n: m.numel() for n, m in masks.items()})
         return masks
     for t in tqdm(chosen, desc="masks", unit="tensor", disable=bar_disabled(progress)):
         g = score_of(t)
@@ -259,6 +262,8 @@ def masks_from_scores(
 def _random_scores(targets: Sequence[Target], seed: int) -> dict[str, torch.Tensor]:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed={seed!r} must be an int")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} is out of range; accepted: integers in [-2**63, 2**64)")
     gen = torch.Generator().manual_seed(seed)
     # drawn on the CPU in model order, so a seed gives the same mask on every device
     return {t.name: torch.rand(t.weight.shape, generator=gen).to(t.weight.device) for t in targets}

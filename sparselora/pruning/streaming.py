@@ -12,6 +12,7 @@ single-process ones bit for bit.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..utils.progress import bar_disabled
-from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity
+from ..io.atomic import staging_dir, swap_directory
 from ..io.checkpoints import Checkpoint, StateDictSource, open_source
 from ..io.packed_masks import PackedMaskWriter, count_kept, write_mask_index
+from ..io.paths import check_apart
+from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity, warn_overpruned
 
 __all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES"]
 
@@ -84,6 +87,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _named(source, name: str, op: Callable[[torch.Tensor], Any], tensor: torch.Tensor) -> Any:
+    """``op(tensor)``, with a ValueError (NaN/inf scores) naming the tensor and its file."""
+    try:
+        return op(tensor)
+    except ValueError as exc:
+        where = getattr(source, "file_of", None)
+        in_file = f" in {str(where(name))!r}" if where is not None else ""
+        raise ValueError(f"tensor {name!r}{in_file}: {exc}") from None
+
+
 def stream_masks(
     source,
     sparsity: SparsitySpec,
@@ -129,7 +142,7 @@ def stream_masks(
     if scope == "layer":
         for t in tqdm(mine, desc="masks", **bar):
             k = ops.prune_count(numel[t.name], sparsities[t.name])
-            emit(t.name, ops.select_prune_mask([read(t.name)], k, absolute=True)[0])
+            emit(t.name, _named(source, t.name, lambda w: ops.select_prune_mask([w], k, absolute=True)[0], read(t.name)))
     else:
         values = set(sparsities.values())
         if len(values) != 1:
@@ -149,7 +162,7 @@ def stream_masks(
             counts = torch.zeros(65536, dtype=torch.int64)
             desc = "pass 1: histogram" if high < 0 else "pass 2: histogram"
             for t in tqdm(mine, desc=desc, **bar):
-                counts += ops.key_histogram(read(t.name), absolute=True, high=high)
+                counts += _named(source, t.name, lambda w: ops.key_histogram(w, absolute=True, high=high), read(t.name))
             counts = ranks.sum(counts)
             first.append(counts)
             return counts
@@ -168,6 +181,8 @@ def stream_masks(
                 write_packed(t.name, mask)
     counts = torch.tensor([pruned.get(t.name, 0) for t in targets], dtype=torch.int64)
     ranks.sum(counts)
+    if scope == "global" and ranks.rank == 0:
+        warn_overpruned(dict(zip((t.name for t in targets), counts.tolist())), numel)
     return {
         "targets": [t.name for t in targets],
         "written": [t.name for t in mine],
@@ -199,6 +214,16 @@ def _tie_quota(read, targets, mine, threshold, ranks: _Ranks, bar) -> dict[str, 
     return quota
 
 
+def _shard_name(rank: int, world: int) -> str:
+    return f"masks-{rank + 1:05d}-of-{world:05d}.safetensors"
+
+
+def _write_masks(source, sparsity, path: Path, mine, meta, scope, progress, ranks, targets) -> dict[str, Any]:
+    with PackedMaskWriter(path, {t.name: source.shape(t.name) for t in mine}, meta) as writer:
+        return stream_masks(source, sparsity, writer.write, writer.write_packed, scope=scope, progress=progress,
+                            ranks=ranks, targets=targets)
+
+
 def compute_checkpoint_masks(
     checkpoint: Union[PathLike, Mapping[str, torch.Tensor], Checkpoint, StateDictSource],
     sparsity: SparsitySpec,
@@ -227,8 +252,13 @@ def compute_checkpoint_masks(
         raise ValueError(f"output {str(output)!r}: with distributed=True the output is a directory (one shard per rank)")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {str(output.parent)!r} does not exist")
+    if getattr(source, "path", None) is not None:
+        check_apart(output, [source.path])
     if output.exists() and not overwrite:
-        raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True to replace it")
+    if output.exists() and single_file == output.is_dir():
+        kind = "a directory" if output.is_dir() else "a file"
+        raise ValueError(f"output {str(output)!r} is {kind}; it is not replaced by a {'file' if single_file else 'directory'}")
     ranks = _Ranks(distributed)
     targets = filter_targets(described_targets(source.names, source.shape, source.dtype), include, exclude)
     if not targets:
@@ -245,22 +275,37 @@ def compute_checkpoint_masks(
         **dict(metadata or {}),
     }
     if single_file:
-        path = output
+        summary = _write_masks(source, sparsity, output, mine, meta, scope, progress, ranks, targets)
+    elif ranks.world == 1:
+        # the shards and the index are written beside, then swapped in: an old output stays
+        # whole until the new one is complete, and a failure leaves nothing behind
+        staging = staging_dir(output)
+        try:
+            summary = _write_masks(source, sparsity, staging / _shard_name(0, 1), mine, meta, scope, progress,
+                                   ranks, targets)
+            write_mask_index(staging, {t.name: _shard_name(0, 1) for t in targets}, meta)
+            swap_directory(staging, output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     else:
+        created = not output.exists()
         if ranks.rank == 0:
             output.mkdir(exist_ok=True)
         ranks.barrier()
-        path = output / f"masks-{ranks.rank + 1:05d}-of-{ranks.world:05d}.safetensors"
-    with PackedMaskWriter(path, {t.name: source.shape(t.name) for t in mine}, meta) as writer:
-        summary = stream_masks(source, sparsity, writer.write, writer.write_packed, scope=scope, progress=progress,
-                               ranks=ranks, targets=targets)
-    if not single_file:
-        ranks.barrier()
-        if ranks.rank == 0:
-            owners = _owners(targets, lambda n: _numel(source.shape(n)), ranks.world)
-            weight_map = {t.name: f"masks-{r + 1:05d}-of-{ranks.world:05d}.safetensors" for t, r in zip(targets, owners)}
-            write_mask_index(output, weight_map, meta)
-        ranks.barrier()
+        try:
+            summary = _write_masks(source, sparsity, output / _shard_name(ranks.rank, ranks.world), mine, meta, scope,
+                                   progress, ranks, targets)
+            ranks.barrier()
+            if ranks.rank == 0:
+                owners = _owners(targets, lambda n: _numel(source.shape(n)), ranks.world)
+                weight_map = {t.name: _shard_name(r, ranks.world) for t, r in zip(targets, owners)}
+                write_mask_index(output, weight_map, meta)
+            ranks.barrier()
+        except BaseException:
+            if created and ranks.rank == 0:
+                shutil.rmtree(output, ignore_errors=True)
+            raise
     total = sum(summary["numel"].values())
     pruned = sum(summary["pruned"].values())
     summary.update(output=str(output), total=total, total_pruned=pruned, sparsity=pruned / total if total else 0.0,
