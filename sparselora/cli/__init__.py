@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import math
 import os
-import re
 import shutil
-import signal
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .outputs import Outputs, discard
+from .text import describe, one_line, printable
 
 __all__ = ["main", "build_parser"]
 
@@ -27,58 +27,11 @@ EXIT_INTERRUPTED = 130
 # Set to a non-empty value to see the full traceback of an error (for bug reports).
 TRACEBACK_ENV = "SPARSELORA_TRACEBACK"
 
-# ANSI/VT escape sequences (CSI, OSC, two-byte) and the other control characters
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-# the Python API's words for what the CLI calls flags
-_API_WORDS = [
-    (re.compile(r"overwrite=True\s*\(--overwrite\)"), "--overwrite"),
-    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
-    (re.compile(r"distributed=True\s*\(--distributed\)"), "--distributed"),
-    (re.compile(r"\bdistributed=True\b"), "--distributed"),
-]
-
-
-def _one_line(text: object) -> str:
-    """``text`` as one line of plain text: escape sequences and control characters
-    stripped, lines joined with spaces, the API's ``overwrite=True`` read as ``--overwrite``."""
-    text = _ESCAPES.sub("", str(text)).replace("\t", " ")
-    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    text = _CONTROLS.sub("", text)
-    for pattern, flag in _API_WORDS:
-        text = pattern.sub(flag, text)
-    return text
-
-
-def _printable(text: object) -> str:
-    """A name or value read from a file, safe to print: control characters (escape
-    sequences, newlines) are shown escaped instead of reaching the terminal."""
-    text = str(text)
-    if _CONTROLS.search(text) or any(c in text for c in "\n\t\u2028\u2029\x85"):
-        return text.encode("unicode_escape").decode("ascii")
-    return text
-
-
-# exceptions that carry a message written for the user: printed as is, without their type
-_DOCUMENTED = (ValueError, TypeError, OSError, RuntimeError)
-
-
-def _describe(exc: BaseException, aliases: dict[str, str] | None = None) -> str:
-    """``exc`` as one line; ``aliases`` maps internal paths (staging files) to the user's."""
-    message = str(exc)
-    for internal, shown in sorted((aliases or {}).items(), key=lambda item: -len(item[0])):
-        message = message.replace(internal, shown)
-    message = _one_line(message)
-    if isinstance(exc, _DOCUMENTED):
-        return message or type(exc).__name__
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``sparselora <command>: error: <message>``, exit 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {_one_line(message)} (see: {self.prog} --help)\n")
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {one_line(message)} (see: {self.prog} --help)\n")
 
 
 def _fraction(text: str) -> float:
@@ -227,50 +180,6 @@ def _common(parser: argparse.ArgumentParser, progress: bool = True, overwrite: b
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-class _Outputs:
-    """The outputs of one run and what was at their paths before it started.
-
-    On failure, :meth:`discard` removes what this run created there and nothing that
-    existed before: a path that was absent is removed whole; inside a directory that
-    existed, only new entries whose names match the glob patterns given for it.
-    """
-
-    def __init__(self) -> None:
-        self._paths: list[tuple[Path, bool, frozenset[str] | None, tuple[str, ...]]] = []
-        self.aliases: dict[str, str] = {}  # internal path -> the path the user gave, for messages
-
-    def add(self, path: Path, new_entries: Sequence[str] = ()) -> None:
-        """Record ``path`` as it is now (call before anything is written to it)."""
-        existed = os.path.lexists(path)
-        entries = None
-        if existed and new_entries and path.is_dir() and not path.is_symlink():
-            with contextlib.suppress(OSError):
-                entries = frozenset(os.listdir(path))
-        self._paths.append((path, existed, entries, tuple(new_entries)))
-
-    def created(self, path: Path) -> None:
-        """Record ``path`` as made by this run (a staging directory)."""
-        self._paths.append((path, False, None, ()))
-
-    def discard(self) -> None:
-        for path, existed, entries, patterns in reversed(self._paths):
-            if not existed:
-                _remove(path)
-            elif entries is not None:
-                with contextlib.suppress(OSError):
-                    for name in set(os.listdir(path)) - entries:
-                        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-                            _remove(path / name)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            path.unlink()
-
-
 # what compute_checkpoint_masks writes into a directory output
 _MASK_DIR_ENTRIES = ("masks-*-of-*.safetensors", "masks.safetensors.index.json")
 _MASK_SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".npz": "npz"}
@@ -318,9 +227,9 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, Path, tuple[str, ...]]
     return []
 
 
-def _check_paths(args: argparse.Namespace, outputs: _Outputs) -> None:
+def _check_paths(args: argparse.Namespace, outputs: Outputs) -> None:
     """Refuse missing inputs, unknown output forms and existing outputs (without
-    --overwrite) before any work; record the outputs' state for :meth:`_Outputs.discard`."""
+    --overwrite) before any work; record the outputs' state for :meth:`Outputs.discard`."""
     if args.command == "masks":
         _mask_output_kind(args.output, args.distributed)
     for label, path in _inputs(args):
@@ -338,8 +247,8 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
 
 
-def _run_masks(args: argparse.Namespace, outputs: _Outputs) -> int:
-    from .pruning.streaming import compute_checkpoint_masks
+def _run_masks(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..pruning.streaming import compute_checkpoint_masks
 
     kind = _mask_output_kind(args.output, args.distributed)
     output = Path(args.output)
@@ -363,7 +272,7 @@ def _run_masks(args: argparse.Namespace, outputs: _Outputs) -> int:
             if kind == "safetensors":
                 os.replace(packed, output)
             else:
-                from .pruning.mask_ops import load_mask, save_mask
+                from ..pruning.mask_ops import load_mask, save_mask
 
                 masks, metadata = load_mask(packed)
                 save_mask(masks, output, metadata, format=kind)
@@ -376,8 +285,8 @@ def _run_masks(args: argparse.Namespace, outputs: _Outputs) -> int:
     return 0
 
 
-def _run_stats(args: argparse.Namespace, outputs: _Outputs) -> int:
-    from .pruning.mask_ops import compute_sparsity_stats, load_mask, plot_sparsity_histogram
+def _run_stats(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..pruning.mask_ops import compute_sparsity_stats, load_mask, plot_sparsity_histogram
 
     masks, metadata = load_mask(args.masks)
     stats = compute_sparsity_stats(masks)
@@ -386,18 +295,18 @@ def _run_stats(args: argparse.Namespace, outputs: _Outputs) -> int:
     print(f"global sparsity {g['sparsity']:.4%}; per layer mean {g['mean_layer_sparsity']:.2%}, "
           f"std {g['std_layer_sparsity']:.2%}, min {g['min_layer_sparsity']:.2%}, max {g['max_layer_sparsity']:.2%}")
     if metadata:
-        print("metadata: " + ", ".join(f"{_printable(k)}={_printable(v)}" for k, v in metadata.items()))
+        print("metadata: " + ", ".join(f"{printable(k)}={printable(v)}" for k, v in metadata.items()))
     if args.per_layer:
         for name, layer in stats["per_layer"].items():
-            print(f"  {_printable(name)}: {layer['sparsity']:.2%} of {layer['num_params']:,}")
+            print(f"  {printable(name)}: {layer['sparsity']:.2%} of {layer['num_params']:,}")
     if args.plot:
         plot_sparsity_histogram(masks, save_path=args.plot)
         print(f"histogram -> {args.plot}")
     return 0
 
 
-def _run_apply(args: argparse.Namespace, outputs: _Outputs) -> int:
-    from .pruning.checkpoint_ops import apply_masks_to_checkpoint
+def _run_apply(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..pruning.checkpoint_ops import apply_masks_to_checkpoint
 
     summary = apply_masks_to_checkpoint(args.checkpoint, args.masks, args.output_dir, overwrite=args.overwrite,
                                         progress=_progress(args))
@@ -406,20 +315,20 @@ def _run_apply(args: argparse.Namespace, outputs: _Outputs) -> int:
     return 0
 
 
-def _run_validate(args: argparse.Namespace, outputs: _Outputs) -> int:
-    from .pruning.checkpoint_ops import validate_checkpoint_masks
+def _run_validate(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..pruning.checkpoint_ops import validate_checkpoint_masks
 
     ok, report = validate_checkpoint_masks(args.checkpoint, args.masks, args.tolerance, progress=_progress(args))
     g = report["global"]
     print(f"{'valid' if ok else 'INVALID'}: {g['total_violations']:,} of {g['total_pruned']:,} pruned weights are "
           f"non-zero ({g['violation_rate']:.4%}) in {g['num_layers']} tensors")
     for name in g["layers_with_violations"][:20]:
-        print(f"  {_printable(name)}: {report['per_layer'][name]['violations']:,} violations")
+        print(f"  {printable(name)}: {report['per_layer'][name]['violations']:,} violations")
     return 0 if ok else 1
 
 
-def _run_cerebras_config(args: argparse.Namespace, outputs: _Outputs) -> int:
-    from .cerebras.config import create_sparse_config
+def _run_cerebras_config(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..cerebras.config import create_sparse_config
 
     lora = None
     if args.lora_r is not None:
@@ -431,8 +340,8 @@ def _run_cerebras_config(args: argparse.Namespace, outputs: _Outputs) -> int:
     return 0
 
 
-def _run_demo(args: argparse.Namespace, outputs: _Outputs) -> int:
-    from .demo import DemoSettings, run_demo
+def _run_demo(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..demo import DemoSettings, run_demo
 
     result = run_demo(
         DemoSettings(
@@ -443,7 +352,7 @@ def _run_demo(args: argparse.Namespace, outputs: _Outputs) -> int:
     return 0 if result["sparsity_preserved"] else 1
 
 
-_HANDLERS: dict[str, Callable[[argparse.Namespace, _Outputs], int]] = {
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Outputs], int]] = {
     "demo": _run_demo, "masks": _run_masks, "stats": _run_stats, "apply": _run_apply,
     "validate": _run_validate, "cerebras-config": _run_cerebras_config,
 }
@@ -457,22 +366,9 @@ def _tell(line: str) -> None:
 
 def _warning_printer(prefix: str):
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
-        _tell(f"{prefix}: warning: {_one_line(message) or category.__name__}")
+        _tell(f"{prefix}: warning: {one_line(message) or category.__name__}")
 
     return show
-
-
-def _discard(outputs: _Outputs) -> None:
-    """Remove this run's outputs; a second Ctrl-C does not stop the cleanup halfway."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except (ValueError, OSError):  # not the main thread
-        previous = None
-    try:
-        outputs.discard()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,34 +385,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         _tell("sparselora: interrupted")
         return EXIT_INTERRUPTED
     prefix = f"sparselora {args.command}"
-    outputs = _Outputs()
+    outputs = Outputs()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(prefix)
             _check_paths(args, outputs)
             return _HANDLERS[args.command](args, outputs)
     except KeyboardInterrupt:
-        _discard(outputs)
+        discard(outputs)
         _tell(f"{prefix}: interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader of stdout went away (``| head``): stop quietly, as tools killed by SIGPIPE do
-        _discard(outputs)
+        discard(outputs)
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE
     except SystemExit as exc:
         if exc.code not in (None, 0):
-            _discard(outputs)
+            discard(outputs)
         raise
     except Exception as exc:
-        _discard(outputs)
+        discard(outputs)
         if os.environ.get(TRACEBACK_ENV):
             raise
-        _tell(f"{prefix}: error: {_describe(exc, outputs.aliases)}")
+        _tell(f"{prefix}: error: {describe(exc, outputs.aliases)}")
         return EXIT_ERROR
     except BaseException:
-        _discard(outputs)
+        discard(outputs)
         raise
 
 
