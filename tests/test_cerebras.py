@@ -4,6 +4,7 @@ schema, and the callback works through ModelZoo's hook sequence on a real model.
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -187,3 +188,12 @@ def test_cli_cerebras_config(mask_file, tmp_path):
     config = yaml.safe_load(out.read_text())
     assert_schema(config)
     assert config["trainer"]["init"]["callbacks"][0]["Lora"]["lora_params"]["r"] == 8
+
+
+def test_base_config_that_is_not_yaml_names_the_file(tmp_path):
+    from sparselora.cerebras.config import load_config
+
+    bad = tmp_path / "base.yaml"
+    bad.write_text("a: [1\nb: }")
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        load_config(bad)

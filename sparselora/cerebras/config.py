@@ -31,7 +31,10 @@ def load_config(config: Union[Mapping[str, Any], PathLike]) -> dict[str, Any]:
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"base_config {str(path)!r} does not exist")
-    loaded = yaml.safe_load(path.read_text())
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"base_config {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"base_config {str(path)!r} does not hold a YAML mapping")
     return loaded
