@@ -4,6 +4,7 @@ schema, and the callback works through ModelZoo's hook sequence on a real model.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def test_lora_config(mask_file, tmp_path):
     assert lora["Lora"]["lora_params"]["merge_weights"] is False
     assert mask_cb["SparseMaskCallback"]["apply_every_step"] is True
     assert yaml.safe_load((tmp_path / "out.yaml").read_text()) == config
+    # what ModelZoo needs to load a base checkpoint without lora_A/lora_B, from any directory
+    assert config["trainer"]["init"]["checkpoint"]["disable_strict_checkpoint_loading"] is True
+    assert os.path.isabs(mask_cb["SparseMaskCallback"]["mask_path"])
+    assert lora["Lora"]["lora_params"]["alpha"] == 16 and type(lora["Lora"]["lora_params"]["alpha"]) is int
+
+
+@pytest.mark.parametrize("alpha", [16.5, 0, -2, float("nan")])
+def test_lora_alpha_must_be_a_whole_number(mask_file, alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        create_sparse_config(copy.deepcopy(LLAMA_BASE_CONFIG), mask_file[0], {"r": 8, "alpha": alpha})
 
 
 def test_sparse_full_finetune_config(mask_file, tmp_path):
@@ -174,9 +185,18 @@ def test_callback_rejects_masks_that_do_not_fit(model, tmp_path):
         FakeTrainer(model, [renamed]).fit(1)
 
 
-def test_launcher_says_modelzoo_is_missing():
-    proc = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "fit", "x.yaml"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "ModelZoo is not installed" in proc.stderr
+def test_launcher_explains_itself_and_says_when_modelzoo_is_missing():
+    from sparselora.cerebras import MODELZOO_AVAILABLE
+
+    help_run = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "--help"], capture_output=True, text=True,
+                              timeout=120)
+    assert help_run.stdout.startswith("usage: python -m sparselora.cerebras")
+    if MODELZOO_AVAILABLE:  # the ModelZoo environment: cszoo's help follows ours
+        assert "cszoo's own help follows" in help_run.stdout
+    else:
+        proc = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "fit", "x.yaml"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and "ModelZoo is not installed" in proc.stderr
 
 
 def test_cli_cerebras_config(mask_file, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,7 +426,7 @@ def test_cerebras_example(tmp_path, monkeypatch):
     callbacks = sparse_config["trainer"]["init"]["callbacks"]
     assert callbacks[0] == {"Lora": {"lora_params": {"r": 16, "alpha": 32, "dropout": 0.05, "fan_in_fan_out": False,
                                                      "merge_weights": False}}}
-    assert callbacks[1] == {"SparseMaskCallback": {"mask_path": "masks_70pct.pt", "apply_every_step": False}}
+    assert callbacks[1] == {"SparseMaskCallback": {"mask_path": str(Path("masks_70pct.pt").resolve()), "apply_every_step": False}}
     assert "sparsity" not in sparse_config["trainer"]["init"]
     assert "callbacks" not in base_config["trainer"]["init"]  # the input is not changed
 

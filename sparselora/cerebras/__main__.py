@@ -14,8 +14,26 @@ from . import callback  # noqa: F401 - registers SparseMaskCallback as a ModelZo
 _ENTRY_POINTS = ("cerebras.modelzoo.cli.main", "cerebras.modelzoo.cli.cszoo")
 
 
+USAGE = """usage: python -m sparselora.cerebras COMMAND [cszoo arguments]
+
+Runs Cerebras ModelZoo's own CLI (cszoo) after importing sparselora's ModelZoo callbacks
+(SparseMaskCallback), so that a trainer YAML written by `sparselora cerebras-config` can name
+them. Every argument goes to cszoo unchanged, e.g.:
+
+  python -m sparselora.cerebras fit sparse.yaml --target_device CPU --model_dir out/
+  python -m sparselora.cerebras config validate sparse.yaml
+
+Needs Cerebras ModelZoo 2.10 (cerebras-pytorch 2.10, torch 2.4.0)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        if callback.MODELZOO_AVAILABLE and argv:
+            print("\ncszoo's own help follows.\n", flush=True)
+        else:
+            return 0
     if not callback.MODELZOO_AVAILABLE:
         print("sparselora.cerebras: error: Cerebras ModelZoo is not installed (it needs cerebras-pytorch 2.10 "
               "and torch 2.4.0; see the README section 'Training on Cerebras CS-3')", file=sys.stderr)

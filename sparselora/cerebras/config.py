@@ -82,8 +82,10 @@ def _lora_params(lora_config: Mapping[str, Any]) -> dict[str, Any]:
     dropout = lora_config.get("dropout", 0.0)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"lora_config['r']={r!r} must be an int > 0")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"lora_config['alpha']={alpha!r} must be a finite number")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or float(alpha) != int(alpha) or alpha <= 0:
+        raise ValueError(f"lora_config['alpha']={alpha!r} must be a whole number > 0 (ModelZoo's LoRA alpha is an int)")
+    alpha = int(alpha)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_config['dropout']={dropout!r} must be a float in [0, 1)")
     params: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": float(dropout),
@@ -145,7 +147,7 @@ def create_sparse_config(
     config = load_config(base_config)
     if "trainer" not in config:
         raise ValueError("base_config has no top-level 'trainer' key (a ModelZoo 2.x trainer config)")
-    mask_path = Path(mask_path)
+    mask_path = Path(mask_path).resolve()  # the trainer may run from another directory
     if not mask_path.exists():
         raise FileNotFoundError(f"mask_path {str(mask_path)!r} does not exist")
     phases = config["trainer"] if isinstance(config["trainer"], list) else [config["trainer"]]
@@ -166,6 +168,8 @@ def create_sparse_config(
             if name_map:
                 mask_callback["name_map"] = dict(name_map)
             callbacks.append({"SparseMaskCallback": mask_callback})
+            # the base checkpoint has no lora_A / lora_B: ModelZoo's strict loading would refuse it
+            init.setdefault("checkpoint", {})["disable_strict_checkpoint_loading"] = True
         else:
             init["sparsity"] = groups if len(groups) != 1 else groups[0]
             init.setdefault("checkpoint", {})["disable_strict_checkpoint_loading"] = True

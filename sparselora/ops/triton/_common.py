@@ -1,7 +1,5 @@
 """When the Triton backend may take a call, and why not otherwise."""
 
-from __future__ import annotations
-
 import os
 
 import torch

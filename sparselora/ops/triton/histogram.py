@@ -1,7 +1,5 @@
 """Key histogram on Triton: 65536 bins of order-preserving 32-bit score keys, by atomics."""
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -6,8 +6,6 @@ weight gradient ``G = (dYᵀX) ⊙ M`` computed tile-wise and contracted at once
 and ``B`` (``dB = s·G Aᵀ``, ``dA = s·Bᵀ G``, accumulated with fp32 atomics), never stored.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

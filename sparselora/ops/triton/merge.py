@@ -1,7 +1,5 @@
 """Fused merge-with-mask on Triton: ``W ← (W + s·B@A) ⊙ M`` tile by tile, in place."""
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

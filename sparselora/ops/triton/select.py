@@ -1,8 +1,6 @@
 """Exact selection on Triton: the cut from two summed key histograms, then the mask writer
 (ties pruned lowest flat index first, as everywhere else)."""
 
-from __future__ import annotations
-
 import struct
 from typing import Sequence
 
