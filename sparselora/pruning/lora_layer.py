@@ -183,11 +183,11 @@ class SparseLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self._cache
-        if cache is not None and not torch.is_grad_enabled():
+        if cache is not None and not torch.is_grad_enabled() and not _is_compiling():
             # inference fast path (generate() calls every layer once per token): the cached
             # effective weight while nothing changed, the dtype and autocast state included
             key, w_eff, bias = cache
-            if key == self._cache_key(x):
+            if key == self._cache_key(x.dtype, x.device.type):
                 if x.dtype != w_eff.dtype:
                     x = x.to(w_eff.dtype)
                 return self._stored_linear(x, w_eff, bias)
@@ -215,7 +215,7 @@ class SparseLoRALinear(nn.Module):
 
     def _forward_sparse_to_sparse(self, x: torch.Tensor) -> torch.Tensor:
         dtype, by_autocast = self._compute_dtype(x)
-        key = self._cache_key(x)
+        given = (x.dtype, x.device.type)  # the cache key's view of the input
         if by_autocast:
             x = x.to(dtype)
         weight = self.weight.to(dtype)  # no copy unless autocast asks for another dtype
@@ -233,17 +233,17 @@ class SparseLoRALinear(nn.Module):
             with torch.no_grad():
                 w_eff = self._effective(weight, lora_A, lora_B)
             if not torch.is_grad_enabled():
-                self._cache = (key, w_eff, bias)
+                self._cache = (self._cache_key(*given), w_eff, bias)
             return self._stored_linear(x, w_eff, bias)
         return ops.masked_lora_linear(x, weight, lora_A, lora_B, self.scaling, self._mask_bits, bias,
                                       transposed=self.fan_in_fan_out)
 
-    def _cache_key(self, x: torch.Tensor) -> tuple:
+    def _cache_key(self, x_dtype: torch.dtype, device_type: str) -> tuple:
         # version counters move on every in-place change (optimizer steps, copy_, load_state_dict),
         # data pointers on replaced storage; the autocast state and x's dtype pick the compute dtype
         w, a, b = self.weight, self.lora_A, self.lora_B
-        auto = autocast_dtype(x.device.type)
-        return (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), auto, x.dtype)
+        auto = autocast_dtype(device_type)
+        return (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), auto, x_dtype)
 
     def _effective(self, weight, lora_A, lora_B) -> torch.Tensor:
         """(W + s·BA) ⊙ M in the stored orientation."""
