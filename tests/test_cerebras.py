@@ -55,19 +55,57 @@ def assert_schema(config):
 def test_lora_config(mask_file, tmp_path):
     path, _ = mask_file
     base = copy.deepcopy(LLAMA_BASE_CONFIG)
-    config = create_sparse_config(base, path, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-                                  "sparse_to_sparse", output=tmp_path / "out.yaml")
-    assert base == LLAMA_BASE_CONFIG
+    base["trainer"]["init"]["model"]["attention_module"] = "multiquery_attention"
+    with pytest.warns(UserWarning, match="adapts every projection"):
+        config = create_sparse_config(base, path, {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                                      "sparse_to_sparse", output=tmp_path / "out.yaml")
+    assert base["trainer"]["init"].get("callbacks") is None  # the input is not changed
     assert_schema(config)
     lora, mask_cb = config["trainer"]["init"]["callbacks"]
-    assert lora["Lora"]["lora_params"]["target_modules"] == ["MultiQueryAttention"]
-    assert lora["Lora"]["lora_params"]["merge_weights"] is False
-    assert mask_cb["SparseMaskCallback"]["apply_every_step"] is True
+    # sparse_to_sparse: sparselora's own callback, whose layers mask the adapter's delta
+    assert lora["SparseLora"]["sparsity_mode"] == "sparse_to_sparse"
+    params = lora["SparseLora"]["lora_params"]
+    assert params["target_modules"] == ["MultiQueryAttention"] and params["merge_weights"] is False
+    assert mask_cb["SparseMaskCallback"]["apply_every_step"] is False
     assert yaml.safe_load((tmp_path / "out.yaml").read_text()) == config
     # what ModelZoo needs to load a base checkpoint without lora_A/lora_B, from any directory
     assert config["trainer"]["init"]["checkpoint"]["disable_strict_checkpoint_loading"] is True
     assert os.path.isabs(mask_cb["SparseMaskCallback"]["mask_path"])
-    assert lora["Lora"]["lora_params"]["alpha"] == 16 and type(lora["Lora"]["lora_params"]["alpha"]) is int
+    assert params["alpha"] == 16 and type(params["alpha"]) is int
+
+
+def test_lora_targets_follow_the_model_config(mask_file):
+    path, _ = mask_file
+    base = copy.deepcopy(LLAMA_BASE_CONFIG)  # no attention_module: ModelZoo builds MultiheadAttention
+    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    config = create_sparse_config(base, path, {"r": 8, "alpha": 16, "target_modules": qkvo})
+    assert config["trainer"]["init"]["callbacks"][0]["Lora"]["lora_params"]["target_modules"] == ["MultiheadAttention"]
+    config = create_sparse_config(base, path, {"r": 8, "alpha": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"]})
+    assert config["trainer"]["init"]["callbacks"][0]["Lora"]["lora_params"]["target_modules"] == ["FeedForwardNetwork"]
+    for linear in (None, ["Linear"]):  # every nn.Linear, never the embeddings (None would convert those)
+        config = create_sparse_config(base, path, {"r": 8, "alpha": 16, "target_modules": linear})
+        assert config["trainer"]["init"]["callbacks"][0]["Lora"]["lora_params"]["target_modules"] == ["Linear"]
+
+
+def test_hugging_face_llama_names_map_to_modelzoo(tmp_path):
+    from sparselora.cerebras.names import modelzoo_name
+
+    assert modelzoo_name("model.layers.3.self_attn.q_proj.weight") == \
+        "transformer_decoder.layers.3.self_attn.proj_q_dense_layer.weight"
+    assert modelzoo_name("layers.0.mlp.gate_proj.weight") == "transformer_decoder.layers.0.ffn.ffn.0.linear_layer_for_glu.weight"
+    assert modelzoo_name("model.layers.0.mlp.down_proj.weight") == "transformer_decoder.layers.0.ffn.ffn.1.linear_layer.weight"
+    assert modelzoo_name("model.embed_tokens.weight") is None
+    masks = {"model.layers.0.self_attn.q_proj.weight": torch.rand(8, 8) > 0.5,
+             "model.layers.0.mlp.up_proj.weight": torch.rand(16, 8) > 0.25}
+    save_mask(masks, tmp_path / "hf.safetensors")
+    config = create_sparse_config(copy.deepcopy(LLAMA_BASE_CONFIG), tmp_path / "hf.safetensors")
+    filters = [f for group in config["trainer"]["init"]["sparsity"] for f in group["param_filter"]]
+    assert "*.transformer_decoder.layers.0.self_attn.proj_q_dense_layer.weight" in filters
+    assert not any("q_proj" in f for f in filters)
+    config = create_sparse_config(copy.deepcopy(LLAMA_BASE_CONFIG), tmp_path / "hf.safetensors", {"r": 4, "alpha": 8})
+    mask_cb = config["trainer"]["init"]["callbacks"][1]["SparseMaskCallback"]
+    assert mask_cb["from_zeros"] is True and mask_cb["name_map"]["model.layers.0.mlp.up_proj.weight"] == \
+        "transformer_decoder.layers.0.ffn.ffn.0.linear_layer.weight"
 
 
 @pytest.mark.parametrize("alpha", [16.5, 0, -2, float("nan")])
@@ -82,7 +120,7 @@ def test_sparse_full_finetune_config(mask_file, tmp_path):
     assert_schema(config)
     groups = config["trainer"]["init"]["sparsity"]
     assert [g["sparsity"] for g in groups] == [0.5, 0.75]
-    assert [g["param_filter"] for g in groups] == [["0.weight"], ["2.weight"]]
+    assert [g["param_filter"] for g in groups] == [["0.weight", "*.0.weight"], ["2.weight", "*.2.weight"]]
     assert all(g["algorithm"] == "static" and g["init_method"] == "from_zeros" for g in groups)
     assert config["trainer"]["init"]["checkpoint"] == {"steps": 50, "disable_strict_checkpoint_loading": True}
 

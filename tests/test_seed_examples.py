@@ -425,7 +425,7 @@ def test_cerebras_example(tmp_path, monkeypatch):
     assert callback.mask_path == "masks_70pct.pt" and callback.apply_every_step is False
     callbacks = sparse_config["trainer"]["init"]["callbacks"]
     assert callbacks[0] == {"Lora": {"lora_params": {"r": 16, "alpha": 32, "dropout": 0.05, "fan_in_fan_out": False,
-                                                     "merge_weights": False}}}
+                                                     "merge_weights": False, "target_modules": ["Linear"]}}}
     assert callbacks[1] == {"SparseMaskCallback": {"mask_path": str(Path("masks_70pct.pt").resolve()), "apply_every_step": False}}
     assert "sparsity" not in sparse_config["trainer"]["init"]
     assert "callbacks" not in base_config["trainer"]["init"]  # the input is not changed

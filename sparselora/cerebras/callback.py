@@ -59,10 +59,17 @@ class SparseMaskCallback(ModelZooCallback):
         name_map: optional renaming of mask names (Hugging Face) to the model's parameter
             names (ModelZoo).
         strict: every mask must match a parameter (else a ValueError lists mismatches).
+        from_zeros: take each mask from its weight's non-zeros as loaded (ModelZoo's
+            ``from_zeros``); the mask file then names the weights and gives the sparsity
+            to check. For masks made from Hugging Face checkpoints, whose q/k rows
+            ``cszoo checkpoint convert`` reorders.
+
+    A mask name matches the parameter of that name or the one ending in ``.name`` (the
+    trainer's model adds a ``model.`` prefix).
     """
 
     def __init__(self, mask_path: str, apply_every_step: bool = False, name_map: dict | None = None,
-                 strict: bool = True) -> None:
+                 strict: bool = True, from_zeros: bool = False) -> None:
         if not isinstance(mask_path, (str, os.PathLike)):
             raise TypeError(f"mask_path must be a path, got {type(mask_path).__name__}")
         if not isinstance(apply_every_step, bool):
@@ -73,6 +80,10 @@ class SparseMaskCallback(ModelZooCallback):
         self.apply_every_step = apply_every_step
         self.name_map = dict(name_map or {})
         self.strict = strict
+        if not isinstance(from_zeros, bool):
+            raise TypeError(f"from_zeros={from_zeros!r} must be True or False")
+        self.from_zeros = from_zeros
+        self._keep_by_name: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] | None = None
         self._bound: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
 
@@ -88,23 +99,34 @@ class SparseMaskCallback(ModelZooCallback):
 
     def bind(self, model: torch.nn.Module) -> None:
         """Match masks to ``model``'s parameters and zero the pruned weights."""
+        from .names import match_parameter
+
         masks = self._load()
         params = dict(model.named_parameters())
-        missing = [n for n in masks if n not in params and f"{n}.weight" not in params]
-        wrong = [n for n, m in masks.items() if n in params and tuple(params[n].shape) != tuple(m.shape)]
+        found = {n: match_parameter(n, params) or match_parameter(f"{n}.weight", params) for n in masks}
+        missing = [n for n, p in found.items() if p is None]
+        wrong = [n for n, p in found.items() if p is not None and tuple(params[p].shape) != tuple(masks[n].shape)]
         if (missing and self.strict) or wrong:
             sample = ", ".join(list(params)[:4])
             raise ValueError(
                 f"SparseMaskCallback: masks that match no parameter: {missing[:10]}; shape mismatches: {wrong[:10]} "
                 f"(model parameters look like: {sample}; pass name_map to rename)"
             )
-        self._bound = []
+        self._bound, self._keep_by_name = [], {}
         for name, mask in masks.items():
-            param = params.get(name, params.get(f"{name}.weight"))
-            if param is None:
+            if found[name] is None:
                 continue
-            keep = mask.to(device=param.device, dtype=param.dtype)  # multiply: a plain tensor op
+            param = params[found[name]]
+            if self.from_zeros:
+                keep = (param.detach() != 0).to(param.dtype)
+                pruned, expected = int((keep == 0).sum()), int((~mask).sum())
+                if pruned < expected:
+                    log.warning("SparseMaskCallback: %s has %d zeros, its mask prunes %d (zeros not baked in?)",
+                                found[name], pruned, expected)
+            else:
+                keep = mask.to(device=param.device, dtype=param.dtype)  # multiply: a plain tensor op
             self._bound.append((param, keep))
+            self._keep_by_name[found[name]] = keep
         self.apply()
         log.info("SparseMaskCallback: %d masks bound, %s", len(self._bound), self.describe())
 
@@ -137,10 +159,17 @@ class SparseMaskCallback(ModelZooCallback):
         model_state = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else None
         if not isinstance(model_state, dict):
             return
-        for name, mask in (self._masks or {}).items():
-            key = name if name in model_state else f"{name}.weight"
-            if key in model_state and isinstance(model_state[key], torch.Tensor):
-                model_state[key] = model_state[key] * mask.to(model_state[key].device, model_state[key].dtype)
+        from .names import match_parameter
+
+        keys = [k for k, v in model_state.items() if isinstance(v, torch.Tensor)]
+        if self._keep_by_name:  # bound at train start: the masks the step used
+            pairs = [(match_parameter(name, keys), keep) for name, keep in self._keep_by_name.items()]
+        else:
+            pairs = [(match_parameter(n, keys) or match_parameter(f"{n}.weight", keys), m)
+                     for n, m in (self._masks or {}).items()]
+        for key, keep in pairs:
+            if key is not None:
+                model_state[key] = model_state[key] * keep.to(model_state[key].device, model_state[key].dtype)
 
     def on_train_end(self, trainer, model, loop, loop_idx) -> None:
         log.info("SparseMaskCallback at train end: %s", self.describe())

@@ -12,15 +12,12 @@ from typing import Any, Mapping, Sequence, Union
 import yaml
 
 from ..io.atomic import atomic_write_bytes
+from .names import HF_PROJECTION_CLASSES, attention_class, name_map as hf_name_map
 from .schema import check_trainer_config
 
-__all__ = ["create_sparse_config", "save_config", "load_config", "LLAMA_ATTENTION_CLASS"]
+__all__ = ["create_sparse_config", "save_config", "load_config"]
 
 PathLike = Union[str, os.PathLike]
-LLAMA_ATTENTION_CLASS = "MultiQueryAttention"
-# Hugging Face attribute names of attention projections; ModelZoo's LoRA matches module
-# *class* names, and these projections live in its attention class.
-_HF_ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn"}
 _MODES = ("sparse_to_dense", "sparse_to_sparse")
 
 
@@ -47,31 +44,42 @@ def save_config(config: Mapping[str, Any], path: PathLike) -> Path:
     return Path(path)
 
 
-def _target_modules(targets: Any) -> list[str] | None:
-    """ModelZoo's target_modules: None converts every nn.Linear."""
+def _target_modules(targets: Any, model_config: Mapping[str, Any]) -> list[str]:
+    """ModelZoo's target_modules: class names. ``Linear`` (the default) is every nn.Linear
+    (never embeddings); Hugging Face projection names become the class that holds them."""
     if targets is None:
-        return None
+        return ["Linear"]
     if isinstance(targets, str):
         targets = [targets]
     if not isinstance(targets, Sequence) or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"lora_config['target_modules']={targets!r} must be a list of names or None")
     if set(targets) <= {"Linear", "all-linear"}:
-        return None
+        return ["Linear"]
     translated: list[str] = []
+    widened: set[str] = set()
     for name in targets:
-        if name in _HF_ATTENTION_NAMES:
-            name = LLAMA_ATTENTION_CLASS
+        if name in HF_PROJECTION_CLASSES:
+            kind = HF_PROJECTION_CLASSES[name]
+            cls = attention_class(model_config) if kind == "attention" else kind
+            widened.add(cls)
+            name = cls
         elif not name[:1].isupper():
             raise ValueError(
-                f"lora_config target module {name!r}: ModelZoo's Lora matches module class names "
-                f"(e.g. {LLAMA_ATTENTION_CLASS!r}); attention projections q_proj/k_proj/v_proj/o_proj map to it"
+                f"lora_config target module {name!r}: ModelZoo's LoRA matches module class names (e.g. "
+                f"MultiQueryAttention, FeedForwardNetwork, Linear); {', '.join(HF_PROJECTION_CLASSES)} are mapped"
             )
         if name not in translated:
             translated.append(name)
+    named = sorted(set(targets) & set(HF_PROJECTION_CLASSES))
+    if widened and len(named) not in (4, 7):
+        warnings.warn(
+            f"ModelZoo's LoRA matches module classes: {named} become {sorted(widened)}, which adapts every "
+            "projection of those classes (all of q/k/v/o, or all of gate/up/down)",
+            UserWarning, stacklevel=3)
     return translated
 
 
-def _lora_params(lora_config: Mapping[str, Any]) -> dict[str, Any]:
+def _lora_params(lora_config: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(lora_config, Mapping):
         raise TypeError(f"lora_config must be a dict, got {type(lora_config).__name__}")
     unknown = sorted(set(lora_config) - {"r", "alpha", "dropout", "target_modules", "fan_in_fan_out"})
@@ -91,9 +99,7 @@ def _lora_params(lora_config: Mapping[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": float(dropout),
                               "fan_in_fan_out": bool(lora_config.get("fan_in_fan_out", False)),
                               "merge_weights": False}  # merging would densify the pruned weights
-    targets = _target_modules(lora_config.get("target_modules"))
-    if targets is not None:
-        params["target_modules"] = targets
+    params["target_modules"] = _target_modules(lora_config.get("target_modules"), model_config)
     return params
 
 
@@ -112,13 +118,29 @@ def _sparsity_groups(mask_path: PathLike, name_map: Mapping[str, str] | None) ->
         value = float(layer["sparsity"])
         if value >= 1.0:
             raise ValueError(f"mask {name!r} prunes every weight; ModelZoo's static sparsity must be < 1")
-        target = name_map.get(name, name) if name_map else name
-        groups.setdefault(value, []).append(_escape_glob(target))
+        target = _escape_glob(name_map.get(name, name) if name_map else name)
+        # the trainer's model may add a prefix ("model."): match the name alone or after a dot
+        groups.setdefault(value, []).extend([target, f"*.{target}"])
     return [
         {"algorithm": "static", "sparsity": value, "init_method": "from_zeros", "param_filter": names}
         for value, names in groups.items()
         if value > 0.0
     ]
+
+
+def _model_names(phases: list) -> set[str]:
+    return {str(p.get("init", {}).get("model", {}).get("name", "")).lower() for p in phases if isinstance(p, dict)}
+
+
+def _auto_name_map(mask_path: Path, phases: list) -> dict[str, str] | None:
+    """HF → ModelZoo names when the masks carry Hugging Face llama names and the model is llama."""
+    from ..pruning.mask_ops import load_mask
+
+    if "llama" not in _model_names(phases):
+        return None
+    names = list(load_mask(mask_path)[0])
+    mapped = hf_name_map(names, "llama")
+    return mapped or None
 
 
 def create_sparse_config(
@@ -132,15 +154,24 @@ def create_sparse_config(
 ) -> dict[str, Any]:
     """A ModelZoo 2.10 trainer config that trains with ``mask_path``'s sparsity.
 
-    ``base_config`` (a dict or a YAML path) is never changed. With ``lora_config``
-    (``r``, ``alpha``, ``dropout``, ``target_modules``), the config gets ModelZoo's ``Lora``
-    callback (``merge_weights: false``) and a ``SparseMaskCallback`` that keeps the masks
-    applied (after every step in ``sparse_to_sparse``); masks travel as zeros in the frozen
-    base weights, so no built-in ``sparsity:`` block is emitted (ModelZoo fails with both).
-    Without LoRA, a static ``sparsity:`` block with ``init_method: from_zeros`` and one
-    group per distinct layer sparsity, and strict checkpoint loading off (the checkpoint
-    carries zeros, not ``_mask`` tensors). ``name_map`` renames Hugging Face parameter names
-    to ModelZoo's. Writes YAML to ``output`` when given. Returns the new config.
+    ``base_config`` (a dict or a YAML path) is never changed; masks reach ModelZoo as zeros
+    in the checkpoint's weights (``sparselora apply`` before ``cszoo checkpoint convert``).
+
+    * With ``lora_config`` (``r``, ``alpha`` (a whole number), ``dropout``,
+      ``target_modules``): ``sparse_to_dense`` gets ModelZoo's ``Lora`` callback
+      (``merge_weights: false``); ``sparse_to_sparse`` gets sparselora's ``SparseLora``
+      callback, whose layers compute ``((W + s·BA) ⊙ M) x``. Targets are ModelZoo class
+      names: ``Linear`` (the default) is every ``nn.Linear``, HF projection names map to the
+      class holding them (a warning says when that adapts more). A ``SparseMaskCallback``
+      checks and keeps the masks; strict checkpoint loading is off (the base checkpoint has
+      no adapters); no ``sparsity:`` block (ModelZoo fails with it and LoRA).
+    * Without LoRA: a static ``sparsity:`` block, ``init_method: from_zeros``, one group
+      per distinct layer sparsity, ``param_filter`` naming exactly the masked weights, strict
+      loading off (the checkpoint carries zeros, not ``_mask`` tensors).
+
+    ``name_map`` renames mask names to ModelZoo's; for a llama config and masks with Hugging
+    Face names it is derived (``sparselora.cerebras.names``). Mask paths are made absolute.
+    Writes YAML to ``output`` when given. Returns the new config.
     """
     if sparse_mode not in _MODES:
         raise ValueError(f"sparse_mode={sparse_mode!r} is unknown; accepted: {', '.join(_MODES)}")
@@ -151,22 +182,29 @@ def create_sparse_config(
     if not mask_path.exists():
         raise FileNotFoundError(f"mask_path {str(mask_path)!r} does not exist")
     phases = config["trainer"] if isinstance(config["trainer"], list) else [config["trainer"]]
+    if name_map is None:
+        name_map = _auto_name_map(mask_path, phases)
     groups = None if lora_config is not None else _sparsity_groups(mask_path, name_map)
-    params = None if lora_config is None else _lora_params(lora_config)
     for phase in phases:
         if not isinstance(phase, dict) or not isinstance(phase.get("init"), dict):
             raise ValueError("every trainer phase needs an 'init' mapping")
         init = phase["init"]
-        callbacks = [c for c in init.get("callbacks", []) or []
-                     if not (isinstance(c, Mapping) and {k.lower() for k in c} & {"lora", "sparsemaskcallback"})]
-        if params is not None:
+        callbacks = [c for c in init.get("callbacks", []) or [] if not (
+            isinstance(c, Mapping) and {k.lower() for k in c} & {"lora", "sparselora", "sparsemaskcallback"})]
+        if lora_config is not None:
+            params = _lora_params(lora_config, init.get("model", {}) or {})
             if "sparsity" in init:
-                warnings.warn("removing the base config's sparsity block: it cannot be combined with Lora", UserWarning, stacklevel=2)
+                warnings.warn("removing the base config's sparsity block: it cannot be combined with LoRA",
+                              UserWarning, stacklevel=2)
                 init.pop("sparsity")
-            callbacks.append({"Lora": {"lora_params": dict(params)}})
-            mask_callback: dict[str, Any] = {"mask_path": str(mask_path), "apply_every_step": sparse_mode == "sparse_to_sparse"}
+            if sparse_mode == "sparse_to_sparse":
+                callbacks.append({"SparseLora": {"lora_params": dict(params), "sparsity_mode": sparse_mode}})
+            else:
+                callbacks.append({"Lora": {"lora_params": dict(params)}})
+            mask_callback: dict[str, Any] = {"mask_path": str(mask_path), "apply_every_step": False}
             if name_map:
-                mask_callback["name_map"] = dict(name_map)
+                # mapped names: masks come from the converted weights' zeros (q/k rows are reordered)
+                mask_callback.update(name_map=dict(name_map), from_zeros=True)
             callbacks.append({"SparseMaskCallback": mask_callback})
             # the base checkpoint has no lora_A / lora_B: ModelZoo's strict loading would refuse it
             init.setdefault("checkpoint", {})["disable_strict_checkpoint_loading"] = True

@@ -19,8 +19,9 @@ INIT_KEYS = {
 FIT_KEYS = {"train_dataloader", "val_dataloader", "ckpt_path"}
 LOOP_KEYS = {"num_steps", "max_steps", "num_epochs", "steps_per_epoch", "eval_frequency", "eval_steps", "grad_accum_steps"}
 CHECKPOINT_KEYS = {"steps", "autoload_last_checkpoint", "disable_strict_checkpoint_loading", "save_initial_checkpoint",
-                   "checkpoint_name"}
-SPARSITY_KEYS = {"algorithm", "sparsity", "init_method", "param_filter", "update", "schedule"}
+                   "checkpoint_name", "checkpoint_root", "strict_version"}
+SPARSITY_KEYS = {"algorithm", "sparsity", "init_method", "param_filter", "update", "schedule", "drop_fraction",
+                 "balance_in_groups", "balance_out_groups"}
 SPARSITY_ALGORITHMS = {"static", "gmp", "set", "rigl"}
 INIT_METHODS = {"random", "topk", "from_zeros", "checkerboard"}
 LORA_KEYS = {"r", "alpha", "dropout", "fan_in_fan_out", "merge_weights", "target_modules"}
@@ -63,7 +64,7 @@ def _check_callbacks(callbacks: Any, where: str) -> list[str]:
         (name, kwargs), = entry.items()
         if kwargs is not None and not isinstance(kwargs, Mapping):
             _fail(f"{where}[{i}]", f"arguments of {name} must be a mapping")
-        if name.lower() == "lora":
+        if name.lower() in ("lora", "sparselora"):
             params = (kwargs or {}).get("lora_params", {})
             params_list = params if isinstance(params, list) else [params]
             for p in params_list:
@@ -105,6 +106,6 @@ def check_trainer_config(config: Mapping[str, Any]) -> None:
         if sparsity is not None:
             for g, group in enumerate(sparsity if isinstance(sparsity, list) else [sparsity]):
                 _check_sparsity_group(group, f"{where}.init.sparsity[{g}]")
-            if "lora" in callbacks:
+            if {"lora", "sparselora"} & set(callbacks):
                 _fail(f"{where}.init", "a Lora callback together with a sparsity block fails at the first optimizer "
                       "step (LoRA freezes the sparse weights); bring masks as zeros in the weights instead")
