@@ -255,3 +255,67 @@ def test_base_config_that_is_not_yaml_names_the_file(tmp_path):
     bad.write_text("a: [1\nb: }")
     with pytest.raises(ValueError, match=re.escape(str(bad))):
         load_config(bad)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8, bias=False)
+        self.o = nn.Linear(8, 8)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _Attention()
+        self.ffn = nn.Linear(8, 8)
+
+
+def _pruned_block() -> _Block:
+    torch.manual_seed(0)
+    block = _Block()
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(torch.rand_like(m.weight) > 0.5)  # zeros baked in, as sparselora apply leaves them
+    return block
+
+
+def test_sparse_lora_callback_layers_compute_the_masked_function():
+    from sparselora.cerebras.sparse_lora_callback import SparseLora, merge_state_dict
+
+    block = _pruned_block()
+    zeros = {n: (p == 0) for n, p in block.named_parameters() if n.endswith("weight")}
+    callback = SparseLora({"r": 2, "alpha": 4, "target_modules": ["_Attention"]}, "sparse_to_sparse")
+    callback.convert(block)
+    assert callback.converted == ["attn.q", "attn.o"]  # ModelZoo's rule: the enclosing class names
+    assert [n for n, p in block.named_parameters() if p.requires_grad] == [
+        "attn.q.lora_A", "attn.q.lora_B", "attn.o.lora_A", "attn.o.lora_B"]
+    q = block.attn.q
+    with torch.no_grad():
+        q.lora_B.normal_()
+    x = torch.randn(5, 8, requires_grad=True)
+    expected = x @ ((q.weight + 2.0 * q.lora_B @ q.lora_A) * (q.weight != 0)).t()
+    torch.testing.assert_close(q(x), expected)
+    q(x).sum().backward()
+    assert q.lora_A.grad is not None and q.weight.grad is None
+    # merged checkpoint: exactly as sparse as the base, and the same function
+    state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    merged = merge_state_dict(state, {"r": 2, "alpha": 4}, "sparse_to_sparse")
+    assert not any(k.endswith(("lora_A", "lora_B")) for k in merged)
+    for name, zero in zeros.items():
+        assert bool((merged[name][zero] == 0).all()), name
+    torch.testing.assert_close(x @ merged["attn.q.weight"].t(), q(x))
+    dense = merge_state_dict(state, {"r": 2, "alpha": 4}, "sparse_to_dense")
+    assert bool((dense["attn.q.weight"][zeros["attn.q.weight"]] != 0).any())  # sparse_to_dense densifies
+
+
+def test_sparse_lora_callback_refuses_what_it_cannot_do():
+    from sparselora.cerebras.sparse_lora_callback import SparseLora
+
+    with pytest.raises(ValueError, match="sparsity_mode"):
+        SparseLora({"r": 2}, "dense")
+    with pytest.raises(ValueError, match="merge_weights"):
+        SparseLora({"r": 2, "merge_weights": True})
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        SparseLora({"r": 2, "target_modules": ["MultiQueryAttention"]}).convert(_pruned_block())

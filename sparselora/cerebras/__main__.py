@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from . import callback  # noqa: F401 - registers SparseMaskCallback as a ModelZoo Callback
+from . import callback, sparse_lora_callback  # noqa: F401,E501 - registers SparseMaskCallback, SparseLora as ModelZoo Callbacks
 
 _ENTRY_POINTS = ("cerebras.modelzoo.cli.main", "cerebras.modelzoo.cli.cszoo")
 
@@ -23,11 +23,20 @@ them. Every argument goes to cszoo unchanged, e.g.:
   python -m sparselora.cerebras fit sparse.yaml --target_device CPU --model_dir out/
   python -m sparselora.cerebras config validate sparse.yaml
 
+and one command of its own: fold the adapters of a sparse LoRA run into an exactly sparse
+ModelZoo checkpoint that a plain config loads:
+
+  python -m sparselora.cerebras merge out/checkpoint_4.mdl --config sparse.yaml -o merged.mdl
+
 Needs Cerebras ModelZoo 2.10 (cerebras-pytorch 2.10, torch 2.4.0)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        from .merge import main as merge_main
+
+        return merge_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         if callback.MODELZOO_AVAILABLE and argv:
