@@ -56,7 +56,7 @@ def _write_mask_kernel(
     tie = valid & (key == cut)
     rank = tl.load(ties_before_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
     pruned = below | (tie & (rank < ties_left))
-    tl.store(keep_ptr + offsets, (~pruned).to(tl.uint8), mask=valid)
+    tl.store(keep_ptr + offsets, 1 - pruned.to(tl.uint8), mask=valid)  # no ~ on bools: triton 3.0 lacks it
 
 
 def _key_of(value: float, absolute: bool) -> int:
