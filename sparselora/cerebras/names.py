@@ -60,6 +60,10 @@ def name_map(names: Iterable[str], model: str = "llama") -> dict[str, str]:
 
 
 def match_parameter(name: str, parameters: Iterable[str]) -> str | None:
-    """The parameter called ``name`` or ending in ``.name`` (a trainer's ``model.`` prefix)."""
-    candidates = [p for p in parameters if p == name or p.endswith("." + name)]
+    """The one parameter called ``name``, or equal to it up to a leading prefix on either
+    side (a trainer's model and its checkpoint differ by ``model.``); None otherwise."""
+    parameters = list(parameters)
+    if name in parameters:
+        return name
+    candidates = [p for p in parameters if p.endswith("." + name) or name.endswith("." + p)]
     return candidates[0] if len(candidates) == 1 else None

@@ -1,0 +1,228 @@
+"""The Cerebras routes on the real ModelZoo 2.10: its validator and its Trainer on the CPU backend.
+
+Opt-in (marker ``modelzoo``, deselected by default): run in the environment that
+``shared/cerebras/build_modelzoo_env.sh`` builds, with sparselora installed there::
+
+    /tmp/cszoo/venv/bin/pip install --no-build-isolation --no-deps -e .
+    /tmp/cszoo/venv/bin/python -m pytest -m modelzoo tests/modelzoo -v
+
+A tiny llama (ModelZoo's own model class) is built from a config, its initial state saved
+as a ModelZoo checkpoint, pruned by sparselora (masks + zeros baked in), and trained for 4
+steps through ``python -m sparselora.cerebras fit`` on each route the README shows, with the
+configs exactly as ``create_sparse_config`` emits them. Checked in the checkpoints ModelZoo
+writes: pruned weights exactly zero, frozen base weights unchanged, adapters trained, the
+sparse_to_sparse merge exactly sparse and equal to the trained layers' weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.modelzoo
+
+MODEL = {
+    "name": "llama", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4,
+    "filter_size": 128, "max_position_embeddings": 128, "attention_module": "multiquery_attention",
+    "extra_attention_params": {"num_kv_groups": 2}, "attention_type": "scaled_dot_product",
+    "position_embedding_type": "rotary", "rotary_dim": 16, "rope_theta": 10000.0, "nonlinearity": "swiglu",
+    "norm_type": "rmsnorm", "layer_norm_epsilon": 1.0e-05, "share_embedding_weights": False,
+    "use_bias_in_output": False, "use_ffn_bias": False, "use_ffn_bias_in_attention": False,
+    "use_projection_bias_in_attention": False, "embedding_layer_norm": False, "dropout_rate": 0.0,
+    "attention_dropout_rate": 0.0, "embedding_dropout_rate": 0.0, "initializer_range": 0.02,
+    "loss_scaling": "num_tokens", "loss_weight": 1.0,
+}
+SPARSITY, STEPS, MSL = 0.5, 4, 64
+Q = "model.transformer_decoder.layers.0.self_attn.proj_q_dense_layer"
+
+
+def base_config(data: Path) -> dict:
+    loader = {"data_processor": "GptHDF5MapDataProcessor", "batch_size": 2, "shuffle": False, "num_workers": 0}
+    return {"trainer": {
+        "init": {
+            "backend": {"backend_type": "CPU"}, "seed": 7, "model": copy.deepcopy(MODEL),
+            "optimizer": {"AdamW": {"learning_rate": 1.0e-2, "betas": [0.9, 0.95], "correct_bias": True,
+                                    "weight_decay": 0.0}},
+            "precision": {"enabled": False, "max_gradient_norm": 1.0},
+            "loop": {"max_steps": STEPS},
+            "checkpoint": {"steps": 2, "save_initial_checkpoint": False, "autoload_last_checkpoint": False},
+            "logging": {"log_steps": 1},
+        },
+        "fit": {"train_dataloader": {**loader, "data_dir": str(data / "train")}},
+    }}
+
+
+def write_data(folder: Path, n: int = 32) -> None:
+    """ModelZoo's HDF5 'sample' layout: (n, 3, msl) int32 = input ids, loss mask, labels."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    starts, steps = rng.integers(0, MODEL["vocab_size"], (n, 1)), rng.integers(1, 4, (n, 1))
+    tokens = (starts + steps * np.arange(MSL + 1)[None, :]) % MODEL["vocab_size"]
+    data = np.stack([tokens[:, :-1], np.ones((n, MSL), dtype=np.int64), tokens[:, 1:]], axis=1).astype(np.int32)
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "data-0.h5", "w") as handle:
+        handle.create_dataset("data", data=data, dtype="i4", chunks=(1, 3, MSL))
+        handle.attrs["n_examples"] = n
+
+
+def load(path) -> dict:
+    import cerebras.pytorch as cstorch
+
+    return cstorch.load(str(path), map_location="cpu")
+
+
+def losses(model_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(sorted(glob.glob(f"{model_dir}/events/events.out.tfevents.*"))[-1])
+    events.Reload()
+    return [e.value for e in events.Scalars("loss")]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Data, the pruned starting checkpoint (zeros baked in) and its masks."""
+    import cerebras.pytorch as cstorch
+    from cerebras.modelzoo.trainer.validate import validate_trainer_params
+
+    from sparselora.pruning.mask_generator import compute_masks_for_state_dict
+    from sparselora.pruning.mask_ops import save_mask
+
+    root = tmp_path_factory.mktemp("zoo")
+    write_data(root / "data" / "train")
+    base = base_config(root / "data")
+    torch.manual_seed(0)
+    model = validate_trainer_params(copy.deepcopy(base))[0].init.model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    masks = compute_masks_for_state_dict(state, SPARSITY, progress=False)
+    for name, mask in masks.items():
+        state[name] = state[name] * mask
+    cstorch.save({"model": state}, str(root / "pruned.mdl"))
+    save_mask(masks, root / "masks.safetensors", packed=True)
+    return {"root": root, "base": base, "masks": masks, "state": state}
+
+
+def train(zoo, name: str, config: dict) -> Path:
+    """Train ``config`` from the pruned checkpoint through sparselora's launcher; the model dir."""
+    config = copy.deepcopy(config)
+    config["trainer"]["fit"]["ckpt_path"] = str(zoo["root"] / "pruned.mdl")
+    path, out = zoo["root"] / f"{name}.yaml", zoo["root"] / f"out_{name}"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    validated = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "config", "validate", str(path)],
+                               capture_output=True, text=True, timeout=600)
+    assert validated.returncode == 0, validated.stdout[-3000:] + validated.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "fit", str(path), "--target_device", "CPU",
+                          "--model_dir", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return out
+
+
+def assert_pruned_zero(zoo, model_state: dict) -> None:
+    for name, mask in zoo["masks"].items():
+        assert bool((model_state[name][~mask] == 0).all()), name
+
+
+@pytest.fixture(scope="module")
+def lora_runs(zoo):
+    from sparselora.cerebras import create_sparse_config
+
+    runs = {}
+    for mode in ("sparse_to_dense", "sparse_to_sparse"):
+        config = create_sparse_config(zoo["base"], zoo["root"] / "masks.safetensors",
+                                      {"r": 4, "alpha": 8, "target_modules": ["Linear"]}, mode)
+        runs[mode] = (config, train(zoo, mode, config))
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["sparse_to_dense", "sparse_to_sparse"])
+def test_sparse_lora_trains_on_modelzoo(zoo, lora_runs, mode):
+    config, out = lora_runs[mode]
+    trained = load(out / f"checkpoint_{STEPS}.mdl")["model"]
+    first = load(out / "checkpoint_2.mdl")["model"]
+    adapters = [k for k in trained if k.endswith((".lora_A", ".lora_B"))]
+    assert len(adapters) == 2 * 15  # [Linear]: q, k, v, o, up, gate, down of 2 blocks, and the LM head
+    assert all(not torch.equal(trained[k], first[k]) for k in adapters if k.endswith("lora_B"))
+    for name, value in zoo["state"].items():  # frozen base, zeros included
+        assert torch.equal(trained[name], value), name
+    assert_pruned_zero(zoo, trained)
+    assert all(math.isfinite(v) for v in losses(out)) and len(losses(out)) == STEPS
+
+
+def test_sparse_to_sparse_and_sparse_to_dense_are_different_functions(lora_runs):
+    dense, sparse = (losses(lora_runs[m][1]) for m in ("sparse_to_dense", "sparse_to_sparse"))
+    print(f"losses sparse_to_dense {dense}\nlosses sparse_to_sparse {sparse}")
+    assert dense[0] == pytest.approx(sparse[0], abs=1e-6)  # a fresh adapter (B = 0) changes nothing
+    assert dense[1:] != sparse[1:]
+
+
+def test_sparse_to_sparse_merge_is_exactly_sparse(zoo, lora_runs, tmp_path):
+    from sparselora.cerebras.sparse_lora_callback import merged_weight
+
+    config, out = lora_runs["sparse_to_sparse"]
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    merged_path = tmp_path / "merged.mdl"
+    run = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "merge", str(out / f"checkpoint_{STEPS}.mdl"),
+                          "--config", str(config_path), "-o", str(merged_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    trained, merged = load(out / f"checkpoint_{STEPS}.mdl")["model"], load(merged_path)["model"]
+    assert not any(k.endswith((".lora_A", ".lora_B")) for k in merged)
+    assert_pruned_zero(zoo, merged)
+    expected = merged_weight(trained[f"{Q}.weight"], trained[f"{Q}.lora_A"], trained[f"{Q}.lora_B"], 8 / 4,
+                             "sparse_to_sparse")
+    assert torch.equal(merged[f"{Q}.weight"], expected)
+    assert not torch.equal(merged[f"{Q}.weight"], trained[f"{Q}.weight"])  # the adapter's work is in it
+
+
+def test_sparse_full_finetuning_static_block(zoo):
+    from sparselora.cerebras import create_sparse_config
+
+    config = create_sparse_config(zoo["base"], zoo["root"] / "masks.safetensors")
+    out = train(zoo, "static", config)
+    trained = load(out / f"checkpoint_{STEPS}.mdl")["model"]
+    assert_pruned_zero(zoo, trained)
+    name = f"{Q}.weight"
+    kept = zoo["masks"][name]
+    assert not torch.equal(trained[name][kept], zoo["state"][name][kept])  # the kept weights trained
+
+
+def test_sparse_full_finetuning_with_the_mask_callback(zoo):
+    config = copy.deepcopy(zoo["base"])
+    config["trainer"]["init"]["callbacks"] = [{"SparseMaskCallback": {
+        "mask_path": str(zoo["root"] / "masks.safetensors"), "apply_every_step": True}}]
+    out = train(zoo, "callback", config)
+    trained = load(out / f"checkpoint_{STEPS}.mdl")["model"]
+    assert_pruned_zero(zoo, trained)
+    name = f"{Q}.weight"
+    kept = zoo["masks"][name]
+    assert not torch.equal(trained[name][kept], zoo["state"][name][kept])
+
+
+def test_every_shipped_trainer_config_passes_the_schema_check():
+    import cerebras.modelzoo
+
+    from sparselora.cerebras import check_trainer_config
+
+    root = Path(cerebras.modelzoo.__file__).parent / "models"
+    checked = 0
+    for path in sorted(root.rglob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        if isinstance(config, dict) and "trainer" in config:
+            try:
+                check_trainer_config(config)
+            except ValueError as exc:
+                raise AssertionError(f"{path.relative_to(root)}: {exc}") from None
+            checked += 1
+    print(f"{checked} shipped trainer configs pass")
+    assert checked > 100
