@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..utils.progress import bar_disabled
-from ..io.atomic import staging_dir, swap_directory
+from ..io.atomic import atomic_write_bytes, staging_dir, swap_directory
 from ..io.paths import check_apart
 from ..io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..io.checkpoints import Checkpoint
@@ -112,6 +112,28 @@ def _copy_companions(source: Checkpoint, staging: Path) -> None:
             shutil.copy2(item, staging / item.name)
 
 
+def _write_single_file_index(source: Checkpoint, staging: Path) -> None:
+    """The Hugging Face index beside a single-file output: tools that read sharded
+    checkpoints only (``cszoo checkpoint convert``) then read it too."""
+    import json
+
+    (file,) = source.files
+    name = file.name
+    index = staging / f"{name}.index.json"
+    if index.exists():
+        return
+    total = sum(int(torch.empty(0, dtype=source.dtype(n)).element_size()) * _numel(source.shape(n)) for n in source.names)
+    payload = {"metadata": {"total_size": total}, "weight_map": {n: name for n in source.names}}
+    atomic_write_bytes(index, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def _numel(shape) -> int:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count
+
+
 def apply_masks_to_checkpoint(
     checkpoint: PathLike,
     masks: Union[PathLike, Mapping[str, torch.Tensor]],
@@ -124,8 +146,9 @@ def apply_masks_to_checkpoint(
 
     Shard files keep their names, tensor order and dtypes, and the rest of the checkpoint's
     folder tree (index, config, tokenizer, sub-folders) is copied; from a single file, the
-    small files beside it (config, tokenizer) are. So the result loads wherever the original
-    did (e.g. ``from_pretrained`` or ``cszoo checkpoint convert``). The output is assembled in
+    small files beside it (config, tokenizer) are, plus a ``<file>.index.json`` for tools
+    that read sharded checkpoints only (``cszoo checkpoint convert``). So the result loads
+    wherever the original did (e.g. ``from_pretrained`` or ``cszoo checkpoint convert``). The output is assembled in
     a folder beside it and swapped in when complete: an existing output (``overwrite=True``)
     is moved aside, never deleted first, and kept if the swap fails. An output equal to,
     inside, or containing the checkpoint or the masks is refused.
@@ -167,6 +190,8 @@ def apply_masks_to_checkpoint(
             reader.close()
         bar.close()
         _copy_companions(source, staging)
+        if source.index_path is None:  # a single file: add the index sharded-only tools need
+            _write_single_file_index(source, staging)
         swap_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -226,3 +226,66 @@ def test_every_shipped_trainer_config_passes_the_schema_check():
             checked += 1
     print(f"{checked} shipped trainer configs pass")
     assert checked > 100
+
+
+@pytest.fixture(scope="module")
+def hf_route(zoo):
+    """The README's Hugging Face route up to the converted checkpoint: an HF llama →
+    ``sparselora masks`` → ``sparselora apply`` → ``cszoo checkpoint convert``."""
+    import transformers
+
+    root = zoo["root"] / "hf"
+    hf_config = transformers.LlamaConfig(
+        vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"], intermediate_size=MODEL["filter_size"],
+        num_hidden_layers=MODEL["num_hidden_layers"], num_attention_heads=MODEL["num_heads"], num_key_value_heads=2,
+        max_position_embeddings=MODEL["max_position_embeddings"], rope_theta=MODEL["rope_theta"],
+        rms_norm_eps=MODEL["layer_norm_epsilon"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(root / "model", safe_serialization=True)
+
+    def run(*command):
+        proc = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    sparselora = [sys.executable, "-m", "sparselora"]
+    run(*sparselora, "masks", root / "model", "--sparsity", SPARSITY, "-o", root / "masks.safetensors")
+    run(*sparselora, "apply", root / "model", root / "masks.safetensors", "-o", root / "pruned")
+    cszoo = Path(sys.executable).parent / "cszoo"
+    run(cszoo, "checkpoint", "convert", "--model", "llama", "--src-fmt", "hf", "--tgt-fmt", "cs-2.9",
+        "--config", root / "pruned" / "config.json", "--output-dir", root / "cs",
+        root / "pruned" / "model.safetensors.index.json")
+    converted = yaml.safe_load((root / "cs" / "config_to_cs-2.9.yaml").read_text())
+    base = copy.deepcopy(zoo["base"])
+    # the converter writes cs-2.9 model keys that 2.10's trainer schema no longer accepts
+    model = {k: v for k, v in converted["model"].items() if k not in ("norm_first", "use_ff_layer1_dropout")}
+    base["trainer"]["init"]["model"] = model
+    (root / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    start = load(root / "cs" / "model_to_cs-2.9.mdl")["model"]
+    return {"root": root, "checkpoint": root / "cs" / "model_to_cs-2.9.mdl", "start": start, "run": run}
+
+
+@pytest.mark.parametrize("lora", [None, "sparse_to_sparse"], ids=["full-finetuning", "sparse-lora"])
+def test_hugging_face_route(hf_route, lora):
+    from sparselora.pruning.mask_ops import load_mask
+
+    root = hf_route["root"]
+    out_yaml = root / f"sparse-{lora}.yaml"
+    extra = [] if lora is None else ["--lora-r", 4, "--lora-alpha", 8, "--mode", lora]
+    hf_route["run"](sys.executable, "-m", "sparselora", "cerebras-config", root / "base.yaml", "--masks",
+                    root / "masks.safetensors", *extra, "-o", out_yaml)
+    config = yaml.safe_load(out_yaml.read_text())
+    config["trainer"]["fit"]["ckpt_path"] = str(hf_route["checkpoint"])
+    out = root / f"out-{lora}"
+    out_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "sparselora.cerebras", "fit", str(out_yaml), "--target_device", "CPU",
+                           "--model_dir", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    trained = load(out / f"checkpoint_{STEPS}.mdl")["model"]
+    masks, _ = load_mask(root / "masks.safetensors")
+    checked = 0
+    for name, value in hf_route["start"].items():
+        pruned = value == 0
+        if value.dim() == 2 and pruned.any():  # the converted weights carry the masks as zeros
+            assert bool((trained[f"model.{name}"][pruned] == 0).all()), name
+            checked += int(pruned.sum())
+    assert checked == sum(int((~m).sum()) for m in masks.values())  # every pruned weight, under ModelZoo's names
