@@ -319,3 +319,17 @@ def test_sparse_lora_callback_refuses_what_it_cannot_do():
         SparseLora({"r": 2, "merge_weights": True})
     with pytest.raises(ValueError, match="match no nn.Linear"):
         SparseLora({"r": 2, "target_modules": ["MultiQueryAttention"]}).convert(_pruned_block())
+
+
+def test_modelzoo_checkpoint_without_cerebras_pytorch_is_a_clear_error(tmp_path):
+    from sparselora.cerebras import MODELZOO_AVAILABLE
+    from sparselora.io.checkpoints import Checkpoint
+
+    path = tmp_path / "model.mdl"
+    path.write_bytes(b"not read")
+    if MODELZOO_AVAILABLE:  # the ModelZoo environment reads .mdl files (tests/modelzoo)
+        with pytest.raises(ValueError, match="could not be read"):
+            Checkpoint(path)
+    else:
+        with pytest.raises(ValueError, match="needs cerebras-pytorch"):
+            Checkpoint(path)

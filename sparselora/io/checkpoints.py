@@ -69,10 +69,12 @@ class Checkpoint:
             self._add_file(self.path, None)
         elif self.path.suffix in _TORCH_SUFFIXES:
             self._open_torch_file()
+        elif self.path.suffix == ".mdl":
+            self._open_modelzoo_file()
         else:
             raise ValueError(
                 f"checkpoint {str(self.path)!r}: unknown kind; give a .safetensors file, a directory with "
-                "a *.safetensors.index.json, or a .pt/.pth/.bin state dict"
+                "a *.safetensors.index.json, a .pt/.pth/.bin state dict, or a ModelZoo .mdl checkpoint"
             )
 
     def _open_directory(self) -> None:
@@ -132,6 +134,24 @@ class Checkpoint:
             raise ValueError(f"checkpoint {str(self.path)!r} is not a dict of tensors")
         self._state = state
         self.files = {self.path: list(state)}
+
+    def _open_modelzoo_file(self) -> None:
+        """A Cerebras ModelZoo checkpoint (``cerebras.pytorch.save``): its ``model`` state."""
+        try:
+            import cerebras.pytorch as cstorch
+        except ImportError:
+            raise ValueError(
+                f"checkpoint {str(self.path)!r} is a Cerebras ModelZoo checkpoint (.mdl); reading it needs "
+                "cerebras-pytorch (the ModelZoo environment)") from None
+        try:
+            state = cstorch.load(str(self.path), map_location="cpu")
+        except Exception:  # noqa: BLE001 - cstorch raises many kinds for a bad file
+            raise ValueError(f"checkpoint {str(self.path)!r} could not be read as a ModelZoo checkpoint") from None
+        model = state.get("model", state) if isinstance(state, Mapping) else None
+        if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+            raise ValueError(f"checkpoint {str(self.path)!r} has no 'model' dict of tensors")
+        self._state = dict(model)
+        self.files = {self.path: list(model)}
 
     @property
     def names(self) -> list[str]:

@@ -134,6 +134,24 @@ def _numel(shape) -> int:
     return count
 
 
+def _apply_to_modelzoo_file(source: Checkpoint, mask_file: "MaskFile", target: Path) -> int:
+    """A ModelZoo checkpoint written whole (``cerebras.pytorch.save``) with its pruned
+    weights zeroed; everything else in it (optimizer, step) is kept."""
+    import cerebras.pytorch as cstorch
+
+    state = cstorch.load(str(source.path), map_location="cpu")
+    model = state["model"] if isinstance(state, Mapping) and "model" in state else state
+    pruned = 0
+    for name in mask_file.names:
+        mask = mask_file.get(name)
+        tensor = model[name].detach().clone().contiguous()
+        ops.apply_mask_(tensor, mask)
+        model[name] = tensor
+        pruned += int(mask.numel() - mask.sum())
+    cstorch.save(state, str(target))
+    return pruned
+
+
 def apply_masks_to_checkpoint(
     checkpoint: PathLike,
     masks: Union[PathLike, Mapping[str, torch.Tensor]],
@@ -155,8 +173,10 @@ def apply_masks_to_checkpoint(
     """
     start = time.perf_counter()
     source = Checkpoint(checkpoint)
-    if not source.is_safetensors:
-        raise ValueError(f"checkpoint {str(checkpoint)!r}: pruned checkpoints are written from safetensors checkpoints")
+    modelzoo = source.path.suffix == ".mdl"
+    if not source.is_safetensors and not modelzoo:
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: pruned checkpoints are written from safetensors "
+                         "checkpoints (or ModelZoo .mdl ones)")
     mask_file = MaskFile(masks)
     _check_match(source, mask_file)
     output = Path(output_dir)
@@ -172,6 +192,11 @@ def apply_masks_to_checkpoint(
     staging = staging_dir(output)
     pruned = 0
     try:
+        if modelzoo:
+            pruned = _apply_to_modelzoo_file(source, mask_file, staging / source.path.name)
+            swap_directory(staging, output)
+            return {"output": str(output), "tensors": len(source.names), "masked": len(masked), "pruned": pruned,
+                    "seconds": time.perf_counter() - start}
         bar = tqdm(total=len(source.names), desc="apply", unit="tensor", disable=bar_disabled(progress))
         for file, names in source.files.items():
             reader = SafetensorsReader(file)

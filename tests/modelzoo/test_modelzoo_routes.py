@@ -183,6 +183,19 @@ def test_sparse_to_sparse_merge_is_exactly_sparse(zoo, lora_runs, tmp_path):
                              "sparse_to_sparse")
     assert torch.equal(merged[f"{Q}.weight"], expected)
     assert not torch.equal(merged[f"{Q}.weight"], trained[f"{Q}.weight"])  # the adapter's work is in it
+    # and back to Hugging Face with ModelZoo's converter: exactly as sparse
+    import transformers
+
+    model_config = tmp_path / "model.yaml"
+    model_config.write_text(yaml.safe_dump({"model": MODEL}))
+    run = subprocess.run([str(Path(sys.executable).parent / "cszoo"), "checkpoint", "convert", "--model", "llama",
+                          "--src-fmt", "cs-2.9", "--tgt-fmt", "hf", "--config", str(model_config),
+                          "--export-safetensors", "--output-dir", str(tmp_path / "hf"), str(merged_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf" / "merged_to_hf")
+    zeros = sum(int((p == 0).sum()) for n, p in hf.named_parameters() if n.endswith("proj.weight"))
+    assert zeros == sum(int((~m).sum()) for m in zoo["masks"].values())
 
 
 def test_sparse_full_finetuning_static_block(zoo):
@@ -207,6 +220,23 @@ def test_sparse_full_finetuning_with_the_mask_callback(zoo):
     name = f"{Q}.weight"
     kept = zoo["masks"][name]
     assert not torch.equal(trained[name][kept], zoo["state"][name][kept])
+
+
+def test_cli_reads_and_writes_modelzoo_checkpoints(zoo, tmp_path):
+    """sparselora masks / stats / apply / validate on a ModelZoo .mdl checkpoint."""
+    def run(*command, expect=0):
+        proc = subprocess.run([sys.executable, "-m", "sparselora", *map(str, command)], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == expect, proc.stderr[-3000:]
+        return proc.stdout
+
+    source = zoo["root"] / "pruned.mdl"
+    run("masks", source, "--sparsity", 0.7, "-o", tmp_path / "m70.safetensors")
+    assert "70.0" in run("stats", tmp_path / "m70.safetensors")
+    run("validate", source, tmp_path / "m70.safetensors", expect=1)  # 50% zeros, not 70%
+    run("apply", source, tmp_path / "m70.safetensors", "-o", tmp_path / "out")
+    assert "valid" in run("validate", tmp_path / "out" / "pruned.mdl", tmp_path / "m70.safetensors")
+    assert load(tmp_path / "out" / "pruned.mdl")["model"].keys() == zoo["state"].keys()
 
 
 def test_every_shipped_trainer_config_passes_the_schema_check():
