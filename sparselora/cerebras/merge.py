@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..io.modelzoo import load_modelzoo_checkpoint, save_modelzoo_checkpoint
 from .config import load_config
 from .sparse_lora_callback import merge_state_dict
 
@@ -34,16 +35,11 @@ def lora_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
 
 def merge_checkpoint(checkpoint: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike,
                      output: str | os.PathLike) -> Path:
-    """Load a ModelZoo checkpoint (``cerebras.pytorch.load``), merge its adapters, save it."""
-    try:
-        import cerebras.pytorch as cstorch
-    except ImportError:
-        raise RuntimeError("merging a ModelZoo checkpoint needs cerebras-pytorch (the ModelZoo environment)") from None
+    """Load a ModelZoo checkpoint, merge its adapters, save it (model state only)."""
     params, mode = lora_settings(load_config(config))
-    state = cstorch.load(str(checkpoint))
+    state = load_modelzoo_checkpoint(checkpoint)
     model_state = state["model"] if isinstance(state, Mapping) and "model" in state else state
-    merged = {"model": merge_state_dict(model_state, params, mode)}
-    cstorch.save(merged, str(output))
+    save_modelzoo_checkpoint({"model": merge_state_dict(model_state, params, mode)}, output)
     return Path(output)
 
 

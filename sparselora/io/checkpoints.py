@@ -137,16 +137,9 @@ class Checkpoint:
 
     def _open_modelzoo_file(self) -> None:
         """A Cerebras ModelZoo checkpoint (``cerebras.pytorch.save``): its ``model`` state."""
-        try:
-            import cerebras.pytorch as cstorch
-        except ImportError:
-            raise ValueError(
-                f"checkpoint {str(self.path)!r} is a Cerebras ModelZoo checkpoint (.mdl); reading it needs "
-                "cerebras-pytorch (the ModelZoo environment)") from None
-        try:
-            state = cstorch.load(str(self.path), map_location="cpu")
-        except Exception:  # noqa: BLE001 - cstorch raises many kinds for a bad file
-            raise ValueError(f"checkpoint {str(self.path)!r} could not be read as a ModelZoo checkpoint") from None
+        from .modelzoo import load_modelzoo_checkpoint
+
+        state = load_modelzoo_checkpoint(self.path)
         model = state.get("model", state) if isinstance(state, Mapping) else None
         if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
             raise ValueError(f"checkpoint {str(self.path)!r} has no 'model' dict of tensors")

@@ -137,9 +137,9 @@ def _numel(shape) -> int:
 def _apply_to_modelzoo_file(source: Checkpoint, mask_file: "MaskFile", target: Path) -> int:
     """A ModelZoo checkpoint written whole (``cerebras.pytorch.save``) with its pruned
     weights zeroed; everything else in it (optimizer, step) is kept."""
-    import cerebras.pytorch as cstorch
+    from ..io.modelzoo import load_modelzoo_checkpoint, save_modelzoo_checkpoint
 
-    state = cstorch.load(str(source.path), map_location="cpu")
+    state = load_modelzoo_checkpoint(source.path)
     model = state["model"] if isinstance(state, Mapping) and "model" in state else state
     pruned = 0
     for name in mask_file.names:
@@ -148,7 +148,7 @@ def _apply_to_modelzoo_file(source: Checkpoint, mask_file: "MaskFile", target: P
         ops.apply_mask_(tensor, mask)
         model[name] = tensor
         pruned += int(mask.numel() - mask.sum())
-    cstorch.save(state, str(target))
+    save_modelzoo_checkpoint(state, target)
     return pruned
 
 

@@ -76,9 +76,9 @@ def write_data(folder: Path, n: int = 32) -> None:
 
 
 def load(path) -> dict:
-    import cerebras.pytorch as cstorch
+    from sparselora.io.modelzoo import load_modelzoo_checkpoint
 
-    return cstorch.load(str(path), map_location="cpu")
+    return load_modelzoo_checkpoint(path)
 
 
 def losses(model_dir: Path) -> list[float]:
@@ -237,6 +237,30 @@ def test_cli_reads_and_writes_modelzoo_checkpoints(zoo, tmp_path):
     run("apply", source, tmp_path / "m70.safetensors", "-o", tmp_path / "out")
     assert "valid" in run("validate", tmp_path / "out" / "pruned.mdl", tmp_path / "m70.safetensors")
     assert load(tmp_path / "out" / "pruned.mdl")["model"].keys() == zoo["state"].keys()
+
+
+class _Stored:
+    """An arbitrary object: cstorch stores it pickled (dill)."""
+
+
+def test_modelzoo_checkpoints_are_never_unpickled(zoo, tmp_path, monkeypatch):
+    import cerebras.pytorch as cstorch
+    import dill
+
+    from sparselora.io.modelzoo import load_modelzoo_checkpoint, save_modelzoo_checkpoint
+
+    path = tmp_path / "object.mdl"
+    cstorch.save({"model": {"w": torch.ones(2)}, "extra": _Stored()}, str(path))
+    calls = []
+    original = dill.loads
+    monkeypatch.setattr(dill, "loads", lambda *a, **k: calls.append(1) or original(*a, **k))
+    state = load_modelzoo_checkpoint(path)  # tensors read, the object left deferred
+    assert torch.equal(state["model"]["w"], torch.ones(2))
+    try:
+        save_modelzoo_checkpoint(state, tmp_path / "copy.mdl")
+    except ValueError as exc:  # carrying the object over would need it unpickled
+        assert "never unpickled" in str(exc)
+    assert calls == []
 
 
 def test_every_shipped_trainer_config_passes_the_schema_check():
