@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Union
 import numpy as np
 import torch
 
+from ..ops._bits import pack_bits, unpack_bits
 from .atomic import atomic_write_bytes
 from .paths import contained
 from .safetensors import SafetensorsReader, SafetensorsWriter
@@ -59,8 +60,7 @@ def count_kept(packed: torch.Tensor) -> int:
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
     """Bool mask -> ``ceil(n/8)`` uint8 bytes, LSB first."""
-    flat = mask.detach().cpu().reshape(-1).numpy()
-    return torch.from_numpy(np.packbits(flat, bitorder="little"))
+    return pack_bits(mask.detach().cpu())
 
 
 def unpack(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
@@ -69,8 +69,7 @@ def unpack(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     n = int(np.prod(shape, dtype=np.int64))
     if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
         raise ValueError(f"packed mask has {packed.numel()} {packed.dtype} bytes; shape {shape} needs {(n + 7) // 8} uint8")
-    bits = np.unpackbits(packed.numpy(), count=n, bitorder="little")
-    return torch.from_numpy(bits.astype(np.bool_)).reshape(shape)
+    return unpack_bits(packed, shape)
 
 
 class PackedMaskWriter:

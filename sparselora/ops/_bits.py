@@ -1,4 +1,4 @@
-"""Keep-masks as bool tensors or packed bits, in plain torch (any device).
+"""Keep-masks as bool tensors or packed bits, on any device (numpy's packbits on the CPU).
 
 A packed mask of ``n`` elements is ``ceil(n/8)`` uint8 bytes; element ``i`` of the flattened
 mask is bit ``i % 8`` of byte ``i // 8`` (least significant bit first), the layout of the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["packed_size", "is_packed_for", "pack_bits", "unpack_bits", "as_bool_keep", "check_keep_mask"]
@@ -33,6 +34,8 @@ def _shifts(device: torch.device) -> torch.Tensor:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool mask -> packed uint8 bytes on the mask's device."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.detach().reshape(-1).numpy(), bitorder="little"))
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
@@ -45,6 +48,9 @@ def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     numel = 1
     for d in shape:
         numel *= int(d)
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.detach().reshape(-1).numpy(), count=numel, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_)).view(tuple(int(d) for d in shape))
     bits = (packed.reshape(-1, 1) >> _shifts(packed.device)) & 1
     return bits.reshape(-1)[:numel].view(tuple(shape)).bool()
 
