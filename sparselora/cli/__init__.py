@@ -78,6 +78,14 @@ _rank = _int_at_least(1)
 _positive_int = _int_at_least(0)
 
 
+def _nm(text: str) -> tuple[int, int]:
+    """argparse type: ``N:M`` with 0 < N <= M."""
+    n, sep, m = text.partition(":")
+    if not sep or not n.isdigit() or not m.isdigit() or not 0 < int(n) <= int(m):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N:M with 0 < N <= M (e.g. 2:4)")
+    return int(n), int(m)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sparselora", description="Pruning masks and sparsity-preserving LoRA for PyTorch models."
@@ -141,6 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--tolerance", type=_non_negative, default=0.0, help="largest |w| counted as zero (default 0)")
     _common(validate, overwrite=False)
 
+    prune = commands.add_parser(
+        "prune", help="one-shot pruning of a causal LM checkpoint block by block (magnitude, Wanda, SparseGPT, OWL)",
+        description="Prune a Hugging Face causal LM (a folder with config.json and safetensors shards) one decoder "
+        "block at a time, reading each block from disk when its turn comes, and write the pruned checkpoint "
+        "(loadable with from_pretrained) plus its packed masks (OUT/masks.safetensors). Under torchrun, "
+        "--distributed splits the calibration batches across ranks.",
+    )
+    prune.add_argument("checkpoint", type=Path)
+    prune.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda",
+                       help="importance (default wanda); sparsegpt also updates the kept weights")
+    level = prune.add_mutually_exclusive_group()
+    level.add_argument("--sparsity", type=_fraction, help="fraction pruned in every block weight (default 0.5)")
+    level.add_argument("--nm", type=_nm, metavar="N:M", help="N:M masks instead, e.g. 2:4")
+    prune.add_argument("--owl", action="store_true", help="OWL: per-block sparsity from outlier ratios, mean = --sparsity")
+    prune.add_argument("--owl-lambda", type=_fraction, default=0.08, help="OWL spread: at most 2*lambda (default 0.08)")
+    prune.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 calibration text (default: built-in text)")
+    prune.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the checkpoint's)")
+    prune.add_argument("--samples", type=_rank, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seq-len", type=_rank, default=512, help="tokens per window (default 512)")
+    prune.add_argument("--include", action="append", metavar="GLOB", help="only weights matching GLOB (repeatable)")
+    prune.add_argument("--exclude", action="append", metavar="GLOB", help="skip weights matching GLOB (repeatable)")
+    prune.add_argument("--offload-dir", type=Path, metavar="DIR", help="keep calibration activations in files here")
+    prune.add_argument("-o", "--output-dir", type=Path, required=True)
+    prune.add_argument("--distributed", action="store_true", help="split the calibration batches across torchrun ranks")
+    _common(prune)
+
     cerebras = commands.add_parser(
         "cerebras-config", help="a Cerebras ModelZoo 2.10 trainer config carrying masks (and sparse LoRA)",
         description="Write a ModelZoo trainer YAML for BASE with the masks' sparsity: with --lora-r, the Lora "
@@ -193,6 +227,7 @@ _INPUTS = {
     "masks": [("checkpoint", "checkpoint")],
     "stats": [("masks", "masks")],
     "apply": [("checkpoint", "checkpoint"), ("masks", "masks")],
+    "prune": [("checkpoint", "checkpoint")],
     "validate": [("checkpoint", "checkpoint"), ("masks", "masks")],
     "cerebras-config": [("base config", "base"), ("masks", "masks")],
 }
@@ -207,7 +242,7 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, Path, tuple[str, ...]]
         return [("--output", Path(args.output), _MASK_DIR_ENTRIES)]
     if args.command == "stats":
         return [("--plot", args.plot, ())] if args.plot is not None else []
-    if args.command in ("apply", "demo"):
+    if args.command in ("apply", "demo", "prune"):
         return [("--output-dir", args.output_dir, ())]
     if args.command == "cerebras-config":
         return [("--output", args.output, ())]
@@ -302,6 +337,29 @@ def _run_apply(args: argparse.Namespace, outputs: Outputs) -> int:
     return 0
 
 
+def _run_prune(args: argparse.Namespace, outputs: Outputs) -> int:
+    from ..pruning.calibration import read_text
+    from ..pruning.llm_checkpoint import prune_checkpoint
+
+    if args.owl and args.nm:
+        raise ValueError("--owl allocates unstructured sparsity per block; it does not combine with --nm")
+    for label, path in (("--calibration", args.calibration), ("--tokenizer", args.tokenizer)):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{label} {str(path)!r} does not exist")
+    summary = prune_checkpoint(
+        args.checkpoint, args.output_dir, args.method, None if args.nm else (args.sparsity or 0.5), nm=args.nm,
+        owl=args.owl, owl_lambda=args.owl_lambda, tokenizer=args.tokenizer,
+        calibration_text=read_text(args.calibration) if args.calibration else None, samples=args.samples,
+        seq_len=args.seq_len, include=args.include, exclude=args.exclude, distributed=args.distributed,
+        offload_dir=args.offload_dir, overwrite=args.overwrite, progress=_progress(args),
+    )
+    level = f"{args.nm[0]}:{args.nm[1]}" if args.nm else f"{args.sparsity or 0.5:.0%}"
+    if not args.distributed or int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['blocks']} blocks pruned with {args.method} at {level}{' + OWL' if args.owl else ''} "
+              f"in {summary['seconds']:.1f} s -> {summary['output']} (masks: {summary['masks']})")
+    return 0
+
+
 def _run_validate(args: argparse.Namespace, outputs: Outputs) -> int:
     from ..pruning.checkpoint_ops import validate_checkpoint_masks
 
@@ -341,7 +399,7 @@ def _run_demo(args: argparse.Namespace, outputs: Outputs) -> int:
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Outputs], int]] = {
     "demo": _run_demo, "masks": _run_masks, "stats": _run_stats, "apply": _run_apply,
-    "validate": _run_validate, "cerebras-config": _run_cerebras_config,
+    "validate": _run_validate, "cerebras-config": _run_cerebras_config, "prune": _run_prune,
 }
 
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +22,7 @@ from ..io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..io.checkpoints import Checkpoint
 from ..io.packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
 
-__all__ = ["MaskFile", "apply_masks_to_checkpoint", "validate_checkpoint_masks"]
+__all__ = ["MaskFile", "apply_masks_to_checkpoint", "validate_checkpoint_masks", "rewrite_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -152,6 +152,47 @@ def _apply_to_modelzoo_file(source: Checkpoint, mask_file: "MaskFile", target: P
     return pruned
 
 
+def rewrite_checkpoint(
+    source: Checkpoint,
+    output: Path,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    *,
+    progress: bool | None = None,
+    desc: str = "write",
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Write ``source`` (safetensors) to the directory ``output`` with every tensor passed
+    through ``transform(name, tensor)``, one tensor in memory at a time.
+
+    Shard names, tensor order, dtypes and the rest of the folder (index, config, tokenizer)
+    are kept. ``extra(staging)`` may add files. The result is assembled beside ``output``
+    and swapped in whole (see :func:`~sparselora.io.atomic.swap_directory`).
+    """
+    staging = staging_dir(output)
+    try:
+        bar = tqdm(total=len(source.names), desc=desc, unit="tensor", disable=bar_disabled(progress))
+        for file in source.files:
+            reader = SafetensorsReader(file)
+            layout = [(n, reader.dtype(n), reader.shape(n)) for n in reader.names]
+            target = staging / (file.resolve().relative_to(source.path.resolve()) if source.path.is_dir() else file.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with SafetensorsWriter(target, layout, reader.metadata) as writer:
+                for name in reader.names:
+                    writer.write(name, transform(name, reader.read(name)))
+                    bar.update(1)
+            reader.close()
+        bar.close()
+        _copy_companions(source, staging)
+        if source.index_path is None:  # a single file: add the index sharded-only tools need
+            _write_single_file_index(source, staging)
+        if extra is not None:
+            extra(staging)
+        swap_directory(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def apply_masks_to_checkpoint(
     checkpoint: PathLike,
     masks: Union[PathLike, Mapping[str, torch.Tensor]],
@@ -189,38 +230,25 @@ def apply_masks_to_checkpoint(
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {str(output)!r} exists and is not a directory; it is not replaced")
     masked = set(mask_file.names)
-    staging = staging_dir(output)
     pruned = 0
-    try:
-        if modelzoo:
+    if modelzoo:
+        staging = staging_dir(output)
+        try:
             pruned = _apply_to_modelzoo_file(source, mask_file, staging / source.path.name)
             swap_directory(staging, output)
-            return {"output": str(output), "tensors": len(source.names), "masked": len(masked), "pruned": pruned,
-                    "seconds": time.perf_counter() - start}
-        bar = tqdm(total=len(source.names), desc="apply", unit="tensor", disable=bar_disabled(progress))
-        for file, names in source.files.items():
-            reader = SafetensorsReader(file)
-            layout = [(n, reader.dtype(n), reader.shape(n)) for n in reader.names]
-            target = staging / (file.resolve().relative_to(source.path.resolve()) if source.path.is_dir() else file.name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with SafetensorsWriter(target, layout, reader.metadata) as writer:
-                for name in reader.names:
-                    tensor = reader.read(name)
-                    if name in masked:
-                        mask = mask_file.get(name)
-                        pruned += int(mask.numel() - mask.sum())
-                        ops.apply_mask_(tensor, mask)
-                    writer.write(name, tensor)
-                    bar.update(1)
-            reader.close()
-        bar.close()
-        _copy_companions(source, staging)
-        if source.index_path is None:  # a single file: add the index sharded-only tools need
-            _write_single_file_index(source, staging)
-        swap_directory(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    else:
+        def masked_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal pruned
+            if name in masked:
+                mask = mask_file.get(name)
+                pruned += int(mask.numel() - mask.sum())
+                ops.apply_mask_(tensor, mask)
+            return tensor
+
+        rewrite_checkpoint(source, output, masked_tensor, progress=progress, desc="apply")
     return {"output": str(output), "tensors": len(source.names), "masked": len(masked), "pruned": pruned,
             "seconds": time.perf_counter() - start}
 

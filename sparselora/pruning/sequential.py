@@ -120,6 +120,12 @@ class InMemoryBlocks:
     def release(self, index: int, block: nn.Module, pruned: bool) -> None:
         """Called when the run is done with a block (after pruning, or after an OWL pass)."""
 
+    def open_stem(self) -> None:
+        """Called before the batches run up to the first block (the weights before it are needed)."""
+
+    def close_stem(self) -> None:
+        """Called once the first block's inputs are captured."""
+
 
 class _Activations:
     """The current inputs of a block, one tensor per calibration batch, in memory or on disk."""
@@ -196,6 +202,15 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable, 
     if not extras:
         raise ValueError("calibration_data is empty; give at least one batch")
     return extras
+
+
+def _capture(model: nn.Module, source, batches: Sequence, store: _Activations) -> list[tuple]:
+    first = source.load(0)
+    source.open_stem()
+    try:
+        return capture_inputs(model, first, batches, store)
+    finally:
+        source.close_stem()
 
 
 def _block_output(output: Any) -> torch.Tensor:
@@ -332,7 +347,7 @@ def run_sequential(
             summary["owl_ratios"] = ratios
         summary["sparsities"] = sparsities
         inputs = _Activations(folder, 0)
-        extras = capture_inputs(model, source.load(0), mine, inputs) if plan.needs_data else []
+        extras = _capture(model, source, mine, inputs) if plan.needs_data else []
         bar = tqdm(range(len(source)), desc=f"prune ({plan.method})", unit="block", disable=bar_disabled(progress))
         for index in bar:
             block = source.load(index)
@@ -359,7 +374,7 @@ def run_sequential(
 def _owl_pass(model, source, prefix, batches, plan, ranks, folder, progress) -> list[float]:
     """OWL's outlier ratio of every block, from Wanda scores on the dense model's activations."""
     inputs = _Activations(folder, -1)
-    extras = capture_inputs(model, source.load(0), batches, inputs)
+    extras = _capture(model, source, batches, inputs)
     ratios = []
     for index in tqdm(range(len(source)), desc="OWL ratios", unit="block", disable=bar_disabled(progress)):
         block = source.load(index)
