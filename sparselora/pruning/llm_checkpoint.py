@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..io.atomic import check_replaceable
 from ..io.checkpoints import Checkpoint
 from ..io.packed_masks import PackedMaskWriter
+from ..io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..io.paths import check_apart
 from .calibration import calibration_batches
 from .checkpoint_ops import rewrite_checkpoint
@@ -59,6 +60,17 @@ def _parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original
+
+
+def _return_freed_memory() -> None:
+    """Hand the block's freed heap back to the system (glibc keeps it otherwise, and the next
+    block would add to the high-water mark); a no-op where ``malloc_trim`` does not exist."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def meta_model(folder: PathLike, dtype: torch.dtype) -> nn.Module:
@@ -109,12 +121,29 @@ class CheckpointBlocks:
         return self.source.read(name).to(self.dtype)
 
     def open_stem(self) -> None:
-        """Read the weights outside the blocks (embeddings, final norm)."""
+        """Read the weights outside the blocks lazily: a module's weights are read when it first
+        runs, so only what runs before block 0 (the embeddings) is ever loaded, not the LM head."""
+        owners: dict[str, list[str]] = {}
         for name in self.stem:
-            _set_parameter(self.model, name, self._read(name))
+            owner, _, _ = name.rpartition(".")
+            owners.setdefault(owner, []).append(name)
+        self._loaded: list[str] = []
+        self._hooks = []
+        for owner, names in owners.items():
+            module = self.model.get_submodule(owner) if owner else self.model
+
+            def load(_module, _args, names=names):
+                for name in names:
+                    if self.model.get_parameter(name).device.type == "meta":
+                        _set_parameter(self.model, name, self._read(name))
+                        self._loaded.append(name)
+
+            self._hooks.append(module.register_forward_pre_hook(load))
 
     def close_stem(self) -> None:
-        _to_meta(self.model, self.stem)
+        for hook in self._hooks:
+            hook.remove()
+        _to_meta(self.model, self._loaded)
 
     def load(self, index: int) -> nn.Module:
         block = self.blocks[index]
@@ -125,23 +154,26 @@ class CheckpointBlocks:
 
     def release(self, index: int, block: nn.Module, pruned: bool) -> None:
         if pruned and self.spill is not None:
-            from safetensors.torch import save_file
-
             targets = _block_targets(block, f"{self.prefix}.{index}", self.plan)
             path = self.spill / f"block-{index:05d}.safetensors"
-            save_file({t.name: t.weight.detach().contiguous() for t in targets}, str(path))
+            # tensor by tensor: no serialised copy of the whole block in memory
+            with SafetensorsWriter(path, [(t.name, t.weight.dtype, tuple(t.weight.shape)) for t in targets]) as out:
+                for t in targets:
+                    out.write(t.name, t.weight.detach())
             self.spilled.update({t.name: path for t in targets})
         _to_meta(block, [n for n, _ in block.named_parameters()])
+        _return_freed_memory()
 
     def pruned_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The output value of checkpoint tensor ``name`` (read as ``tensor``)."""
         path = self.spilled.get(name)
         if path is None:
             return tensor
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name).to(tensor.dtype)
+        reader = SafetensorsReader(path)
+        try:
+            return reader.read(name).to(tensor.dtype)
+        finally:
+            reader.close()
 
 
 def _calibration(checkpoint: Path, plan: PruningPlan, calibration_data, tokenizer, calibration_text, samples,

@@ -292,10 +292,11 @@ def _prune_target(t: Target, stats: GramAccumulator | None, plan: PruningPlan, s
         keep = sparsegpt_prune_(work, stats.hessian(), sparsity, n=n, m=m, block_size=plan.block_size, damp=plan.damp)
         matrix.copy_(work)
     else:
+        # one fp32 buffer for the score, built in place
+        score = matrix.float() if matrix.dtype != torch.float32 else matrix.clone()
+        score.abs_()
         if plan.method == "wanda":
-            score = matrix.abs().float() * stats.feature_norms().to(matrix.device).unsqueeze(0)
-        else:
-            score = matrix.abs().float()
+            score.mul_(stats.feature_norms().to(matrix.device).unsqueeze(0))
         if plan.nm:
             keep = _nm_mask(score, *plan.nm, name=t.name)
         else:

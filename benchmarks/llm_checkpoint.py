@@ -1,0 +1,150 @@
+"""Sequential pruning of a checkpoint larger than one wants in RAM: peak memory stays at one block.
+
+    python benchmarks/llm_checkpoint.py                       # 18-block Llama, 1.06B bf16 weights (2.1 GB)
+    python benchmarks/llm_checkpoint.py --layers 4 --method sparsegpt
+    python benchmarks/llm_checkpoint.py --json out.json
+
+Writes a synthetic checkpoint from a Llama config (hidden 2048, MLP 5632, vocabulary 32000,
+untied LM head, random bf16 weights, ~500 MB shards, one tensor generated at a time) in a
+temporary folder, then measures in separate processes (peak RSS = the process's VmHWM,
+interpreter, torch and transformers included):
+
+* the imports alone;
+* ``prune_checkpoint`` (the ``sparselora prune`` engine): blocks read from the shards one
+  at a time, pruned, spilled, the output written tensor by tensor;
+* the in-memory path: ``from_pretrained`` + ``prune_model`` on the whole model.
+
+Both prune with the same calibration batches (random token ids); the masks and weights of
+the two outputs are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from memory import peak_rss_bytes  # benchmarks/memory.py
+
+HIDDEN, MLP, VOCAB, HEADS = 2048, 5632, 32000, 16
+
+
+def config(layers: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+            "intermediate_size": MLP, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+            "num_key_value_heads": HEADS, "vocab_size": VOCAB, "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def generate(folder: Path, layers: int, shard_bytes: int = 500 * 2**20) -> int:
+    """Write config.json and bf16 shards; returns the bytes of weights written."""
+    import torch
+
+    from sparselora.io.safetensors import SafetensorsWriter
+    from sparselora.pruning.llm_checkpoint import meta_model
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config(layers)))
+    layout = [(n, p.shape) for n, p in meta_model(folder, torch.bfloat16).state_dict().items()]
+    shards, current, size = [], [], 0
+    for name, shape in layout:
+        nbytes = 2 * torch.Size(shape).numel()
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    shards.append(current)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with SafetensorsWriter(folder / file, [(n, torch.bfloat16, tuple(s)) for n, s in shard]) as writer:
+            for name, shape in shard:
+                tensor = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+                writer.write(name, tensor.to(torch.bfloat16))
+                weight_map[name] = file
+                total += 2 * tensor.numel()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def child(kind: str, folder: Path, out: Path, method: str) -> dict:
+    import torch
+    import transformers
+
+    from sparselora.pruning.llm_checkpoint import prune_checkpoint
+    from sparselora.pruning.sequential import prune_model
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, VOCAB, (4, 128), generator=gen)} for _ in range(2)]
+    start = time.perf_counter()
+    if kind == "baseline":
+        return {"seconds": 0.0, "peak_rss": peak_rss_bytes()}
+    if kind == "stream":
+        summary = prune_checkpoint(folder, out, method, 0.5, calibration_data=batches, progress=False, overwrite=True)
+        return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "blocks": summary["blocks"]}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    masks = prune_model(model, batches, method, 0.5, progress=False)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    # compare with the streamed output, outside the timed part
+    from sparselora.pruning.mask_ops import load_mask
+
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    disk, _ = load_mask(out / "masks.safetensors")
+    same_masks = disk.keys() == masks.keys() and all(torch.equal(disk[k], masks[k]) for k in masks)
+    same_weights = all(torch.equal(p, streamed.get_parameter(n)) for n, p in model.named_parameters())
+    return {"seconds": seconds, "peak_rss": peak, "same_masks": same_masks, "same_weights": same_weights}
+
+
+def measure(kind: str, folder: Path, out: Path, method: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(folder), str(out), method],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=18, help="decoder blocks (default 18: 1.06B weights, 2.1 GB)")
+    parser.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, folder, out, method = args.child
+        print(json.dumps(child(kind, Path(folder), Path(out), method)))
+        return
+    with tempfile.TemporaryDirectory(prefix="sparselora-bench-") as tmp:
+        folder = Path(tmp) / "ckpt"
+        size = generate(folder, args.layers)
+        out = Path(tmp) / "pruned"
+        results = {kind: measure(kind, folder, out, args.method) for kind in ("baseline", "stream", "in_memory")}
+    block = 2 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP)
+    mb = lambda b: b / 2**20  # noqa: E731
+    base = results["baseline"]["peak_rss"]
+    print(f"\n{args.layers}-block Llama (hidden {HIDDEN}, MLP {MLP}), {size / 1e9:.2f} GB of bf16 weights; "
+          f"one block {mb(block):.0f} MiB; {args.method} at 50%, 8 x 128 calibration tokens")
+    print(f"{'':<36}{'time':>9}{'peak RSS':>12}{'above imports':>15}")
+    for kind, label in (("baseline", "imports (torch, transformers)"), ("stream", "prune_checkpoint (streaming)"),
+                        ("in_memory", "from_pretrained + prune_model")):
+        r = results[kind]
+        print(f"{label:<36}{r['seconds']:>8.1f}s{mb(r['peak_rss']):>8.0f} MiB{mb(r['peak_rss'] - base):>11.0f} MiB")
+    above = results["stream"]["peak_rss"] - base
+    print(f"streaming: {above / block:.2f} blocks above the imports; in-memory: "
+          f"{(results['in_memory']['peak_rss'] - base) / block:.2f} blocks; same masks: "
+          f"{results['in_memory']['same_masks']}, same weights: {results['in_memory']['same_weights']}")
+    results.update(layers=args.layers, bytes=size, block_bytes=block, method=args.method)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
