@@ -1,4 +1,4 @@
-"""The pruning API: importance scores, mask generation, mask operations and sparse LoRA."""
+"""The pruning API: importance scores, mask generation, one-shot LLM pruning, mask operations and sparse LoRA."""
 
 from .importance import (
     collect_activation_norms,
@@ -27,6 +27,11 @@ from .mask_ops import (
     validate_mask,
     validate_nm_mask,
 )
+from .calibration import calibration_batches
+from .llm_checkpoint import prune_checkpoint
+from .owl import owl_sparsities
+from .sequential import prune_model
+from .sparsegpt import sparsegpt_prune_
 from .sparse_lora import (
     SparseLoRAConfig,
     SparseLoRALinear,
@@ -63,6 +68,11 @@ __all__ = [
     "compute_sparsity_stats",
     "plot_sparsity_histogram",
     "apply_masks_to_model",
+    "prune_model",
+    "prune_checkpoint",
+    "sparsegpt_prune_",
+    "owl_sparsities",
+    "calibration_batches",
     "SparseLoRAConfig",
     "SparseLoRALinear",
     "apply_sparse_lora",

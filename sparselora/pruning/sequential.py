@@ -301,7 +301,11 @@ def _prune_target(t: Target, stats: GramAccumulator | None, plan: PruningPlan, s
             keep = _nm_mask(score, *plan.nm, name=t.name)
         else:
             keep = _row_or_layer_mask(score, sparsity, plan.scope)
-        matrix.masked_fill_(~keep, 0)
+        del score
+        if t.out_dim == 1:
+            keep = keep.t().contiguous()
+        ops.apply_mask_(weight, keep)
+        return keep
     return keep.t().contiguous() if t.out_dim == 1 else keep
 
 

@@ -168,5 +168,5 @@ def sparsegpt_prune_(
             w[:, end:] -= errors @ factor[start:end, end:]
     weight.copy_(w.to(weight.dtype))
     # a rounding of a kept weight to zero is fine; a pruned weight must be exactly zero
-    weight.masked_fill_(~keep, 0)
+    ops.apply_mask_(weight, keep)
     return keep
