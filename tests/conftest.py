@@ -66,6 +66,18 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(config)
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sparselora_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_torchrun(worker: str, out_dir, nproc: int) -> None:
     """Run ``tests/<worker>`` on ``nproc`` local ranks (torchrun, a free port) with ``out_dir``
     as its argument; fail with the workers' stderr if any rank fails."""

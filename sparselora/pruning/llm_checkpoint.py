@@ -36,7 +36,7 @@ from ..io.paths import check_apart
 from .calibration import calibration_batches
 from .checkpoint_ops import rewrite_checkpoint
 from .owl import OWL_LAMBDA, OWL_THRESHOLD
-from .sequential import PruningPlan, _block_targets, find_decoder_blocks, run_sequential
+from .sequential import PruningPlan, _block_targets, find_decoder_blocks, make_plan, run_sequential
 
 __all__ = ["prune_checkpoint", "MASKS_FILE", "meta_model"]
 
@@ -263,13 +263,8 @@ def prune_checkpoint(
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True to replace it")
     check_replaceable(output, "output_dir")
-    if method == "sparsegpt" and scope is not None:
-        raise ValueError("method='sparsegpt' chooses its own groups (column blocks); scope= is for magnitude and wanda")
-    plan = PruningPlan(
-        method=method, sparsity=None if nm is not None else sparsity, nm=tuple(nm) if nm is not None else None,
-        scope=scope or ("row" if method == "wanda" else "layer"), owl=owl, owl_threshold=owl_threshold,
-        owl_lambda=owl_lambda, block_size=block_size, damp=damp, include=include, exclude=exclude,
-    )
+    plan = make_plan(method, sparsity, nm=nm, owl=owl, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
+                     scope=scope, block_size=block_size, damp=damp, include=include, exclude=exclude)
     ranks = _Ranks(distributed)
     batches = _calibration(folder, plan, calibration_data, tokenizer, calibration_text, samples, seq_len)
     compute_dtype = dtype or _stored_dtype(source)

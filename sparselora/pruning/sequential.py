@@ -37,7 +37,7 @@ from .importance import _run_batch
 from .owl import OWL_LAMBDA, OWL_THRESHOLD, outlier_ratio, owl_sparsities
 from .sparsegpt import GramAccumulator, sparsegpt_prune_
 
-__all__ = ["prune_model", "find_decoder_blocks", "PruningPlan", "InMemoryBlocks", "run_sequential", "LLM_METHODS"]
+__all__ = ["prune_model", "make_plan", "find_decoder_blocks", "PruningPlan", "InMemoryBlocks", "run_sequential", "LLM_METHODS"]
 
 LLM_METHODS = ("magnitude", "wanda", "sparsegpt")
 Globs = Union[str, Sequence[str], None]
@@ -395,6 +395,17 @@ def _owl_pass(model, source, prefix, batches, plan, ranks, folder, progress) -> 
     return ratios
 
 
+def make_plan(method: str, sparsity: float | None, *, nm: tuple[int, int] | None = None, scope: str | None = None,
+              **options: Any) -> PruningPlan:
+    """The plan of :func:`prune_model`'s arguments: ``nm`` replaces ``sparsity``; the scope
+    defaults to rows for Wanda and layers for magnitude; SparseGPT takes none."""
+    if method == "sparsegpt" and scope is not None:
+        raise ValueError("method='sparsegpt' chooses its own groups (column blocks); scope= is for magnitude and wanda")
+    return PruningPlan(method=method, sparsity=None if nm is not None else sparsity,
+                       nm=tuple(nm) if nm is not None else None,
+                       scope=scope or ("row" if method == "wanda" else "layer"), **options)
+
+
 def prune_model(
     model: nn.Module,
     calibration_data: Iterable | None = None,
@@ -442,13 +453,8 @@ def prune_model(
     Only the weights of the decoder blocks are pruned. The model runs in eval mode during
     the call (restored afterwards) and without a KV cache.
     """
-    if method == "sparsegpt" and scope is not None:
-        raise ValueError("method='sparsegpt' chooses its own groups (column blocks); scope= is for magnitude and wanda")
-    plan = PruningPlan(
-        method=method, sparsity=None if nm is not None else sparsity, nm=tuple(nm) if nm is not None else None,
-        scope=scope or ("row" if method == "wanda" else "layer"), owl=owl, owl_threshold=owl_threshold,
-        owl_lambda=owl_lambda, block_size=block_size, damp=damp, include=include, exclude=exclude,
-    )
+    plan = make_plan(method, sparsity, nm=nm, owl=owl, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
+                     scope=scope, block_size=block_size, damp=damp, include=include, exclude=exclude)
     if plan.needs_data and calibration_data is None:
         raise ValueError(f"method={method!r}{' with owl=True' if owl else ''} needs calibration_data (batches of inputs)")
     from .streaming import _Ranks
