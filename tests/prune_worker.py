@@ -1,8 +1,9 @@
 """torchrun worker: sequential pruning of a checkpoint with the batches split over ranks.
 
 Usage: torchrun --nproc_per_node=N tests/prune_worker.py OUT_DIR, where OUT_DIR/ckpt holds
-the checkpoint and OUT_DIR/batches.pt the calibration batches (every rank gets the full
-list; each takes its share). Writes OUT_DIR/distributed.
+the checkpoint, OUT_DIR/method.txt the method ("cli": run ``sparselora prune`` instead) and
+OUT_DIR/batches.pt the calibration batches (every rank gets the full list; each takes its
+share). Writes OUT_DIR/distributed.
 """
 
 import sys
@@ -10,10 +11,14 @@ from pathlib import Path
 
 import torch
 
+from sparselora.cli import main
 from sparselora.pruning.llm_checkpoint import prune_checkpoint
 
 out = Path(sys.argv[1])
-batches = torch.load(out / "batches.pt", weights_only=True)
 method = (out / "method.txt").read_text().strip()
+if method == "cli":  # the command line, built-in calibration text, the checkpoint's tokenizer
+    sys.exit(main(["prune", str(out / "ckpt"), "--method", "sparsegpt", "--samples", "16", "--seq-len", "16",
+                   "--distributed", "--no-progress", "-o", str(out / "distributed")]))
+batches = torch.load(out / "batches.pt", weights_only=True)
 prune_checkpoint(out / "ckpt", out / "distributed", method, 0.5, calibration_data=batches, distributed=True,
                  owl=method == "wanda", progress=False)

@@ -144,9 +144,9 @@ def test_prune_command_rejects_bad_arguments(checkpoint, tmp_path, capsys, argv,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
-def test_two_ranks_equal_one_process(checkpoint, tmp_path, method):
-    data = batches(6)
+@pytest.mark.parametrize("method,count", [("sparsegpt", 6), ("wanda", 6), ("sparsegpt", 1)])
+def test_two_ranks_equal_one_process(checkpoint, tmp_path, method, count):
+    data = batches(count)  # one batch: rank 1 has none and only takes part in the sums
     torch.save(data, tmp_path / "batches.pt")
     (tmp_path / "method.txt").write_text(method)
     os.symlink(checkpoint, tmp_path / "ckpt")
@@ -159,3 +159,15 @@ def test_two_ranks_equal_one_process(checkpoint, tmp_path, method):
     assert all(torch.equal(masks_single[k], masks_dist[k]) for k in masks_single)
     expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "single")
     assert_same_model(expected, tmp_path / "distributed")
+
+
+def test_prune_command_under_torchrun_equals_one_process(checkpoint, tmp_path, capsys):
+    (tmp_path / "method.txt").write_text("cli")
+    os.symlink(checkpoint, tmp_path / "ckpt")
+    assert main(["prune", str(checkpoint), "--method", "sparsegpt", "--samples", "16", "--seq-len", "16",
+                 "--no-progress", "-o", str(tmp_path / "single")]) == 0  # two batches of 8, one per rank
+    run_torchrun("prune_worker.py", tmp_path, 2)
+    single, _ = load_mask(tmp_path / "single" / "masks.safetensors")
+    dist, _ = load_mask(tmp_path / "distributed" / "masks.safetensors")
+    assert single.keys() == dist.keys() and all(torch.equal(single[k], dist[k]) for k in single)
+    assert_same_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "single"), tmp_path / "distributed")

@@ -22,6 +22,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
@@ -199,8 +200,6 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable, 
                 raise RuntimeError("the forward pass never reached the first decoder block")
     finally:
         handle.remove()
-    if not extras:
-        raise ValueError("calibration_data is empty; give at least one batch")
     return extras
 
 
@@ -339,7 +338,14 @@ def run_sequential(
     from .streaming import _Ranks
 
     ranks = ranks or _Ranks(False)
-    mine = list(batches)[ranks.rank :: ranks.world] if ranks.world > 1 else list(batches)
+    batches = list(batches)
+    if plan.needs_data and not batches:
+        raise ValueError("calibration_data is empty; give at least one batch")
+    if len(batches) < ranks.world:
+        warnings.warn(f"{len(batches)} calibration batches for {ranks.world} ranks: ranks above "
+                      f"{len(batches) - 1} have no batch and only take part in the sums", UserWarning, stacklevel=2)
+    # every world-th batch: a rank's statistics are its batches' sums, added up across ranks
+    mine = batches[ranks.rank :: ranks.world]
     folder = None
     if offload_dir is not None:
         folder = Path(tempfile.mkdtemp(prefix=".sparselora-inputs-", dir=offload_dir))
