@@ -7,6 +7,7 @@
 
 #include "masks.h"
 #include "merge.h"
+#include "rows.h"
 #include "select.h"
 #include "simd.h"
 
@@ -82,6 +83,24 @@ PYBIND11_MODULE(_C, m) {
         return nonfinite;
       },
       "65536-bin histogram of score keys (high half, or low half within one high bucket)",
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "nm_mask",
+      [](uintptr_t address, int dtype, int64_t numel, int64_t n, int64_t m, bool absolute, uintptr_t keep,
+         int threads) { return nm_mask(ptr<const void>(address), dtype, numel, n, m, absolute, ptr<uint8_t>(keep), threads); },
+      "N:M keep-mask (bool bytes): the n highest of every m consecutive scores; returns the count of non-finite scores",
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "row_mask",
+      [](uintptr_t address, int dtype, int64_t rows, int64_t cols, int64_t k, bool absolute, uintptr_t prior,
+         uintptr_t keep, int threads) {
+        const RowSelect r = row_mask(ptr<const void>(address), dtype, rows, cols, k, absolute,
+                                     prior ? ptr<const uint8_t>(prior) : nullptr, ptr<uint8_t>(keep), threads);
+        return std::make_tuple(r.nonfinite, r.bad_row, r.bad_count);
+      },
+      "per-row keep-mask (bool bytes) pruning the k lowest scores of every row; returns "
+      "(non-finite count, first row prior over-prunes or -1, its prior prunes)",
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
