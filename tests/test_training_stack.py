@@ -109,6 +109,10 @@ def op_cases(packed: bool):
         ("key_histogram", (score, False, -1)),
         ("key_histogram", (score, False, high)),
         ("key_histogram", (score, True, -1)),
+        ("nm_prune_mask", (weight, 2, 5, True)),
+        ("nm_prune_mask", (score.reshape(-1, 5).to(torch.float64), 1, 5, False)),
+        ("row_prune_mask", (weight, 3, True, None)),
+        ("row_prune_mask", (weight.to(bf), 7, False, mask | (torch.arange(in_f) < 5))),  # <= 5 prior prunes a row
     ]
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "prune_threshold",
     "write_prune_mask",
     "select_prune_mask",
+    "nm_prune_mask",
+    "row_prune_mask",
     "key_histogram",
     "streaming_threshold",
     "apply_mask_",
@@ -109,6 +111,51 @@ def select_prune_mask(
     """
     scores = _check_group(scores, k)
     return library.call(library.select_prune_mask, scores, k, absolute)
+
+
+def _check_rows(score: torch.Tensor) -> None:
+    _check_scores([score], "score")
+    if score.dim() != 2:
+        raise ValueError(f"score must be 2-D (rows, cols), got shape {tuple(score.shape)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def nm_prune_mask(score: torch.Tensor, n: int, m: int, *, absolute: bool = False) -> torch.Tensor:
+    """N:M keep-mask of a 2-D ``score``: in every run of ``m`` consecutive entries of a row
+    the ``n`` highest are kept (``|score|`` with ``absolute=True``).
+
+    Among equal scores the lower index is pruned first (a stable ascending sort). The
+    row length must be a multiple of ``m``. Raises ValueError on NaN/inf scores.
+    """
+    _check_rows(score)
+    if not (_is_int(n) and _is_int(m) and 0 <= n <= m and m >= 1):
+        raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 <= n <= m and m >= 1")
+    if score.shape[1] % m:
+        raise ValueError(f"row length {score.shape[1]} is not a multiple of m={m}")
+    return library.call(library.nm_prune_mask, score, n, m, bool(absolute))
+
+
+def row_prune_mask(
+    score: torch.Tensor, k: int, *, absolute: bool = False, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep-mask of a 2-D ``score`` pruning exactly the ``k`` lowest of every row.
+
+    Ties go lowest index first (a stable ascending sort). ``prior`` (a bool keep-mask of
+    the same shape): the weights it prunes are pruned first and count towards ``k``; a
+    row where it prunes more than ``k`` is a ValueError, and so are NaN/inf scores among
+    the weights it keeps.
+    """
+    _check_rows(score)
+    if not (_is_int(k) and 0 <= k <= score.shape[1]):
+        raise ValueError(f"k={k!r} must be an int in [0, {score.shape[1]}] (the row length)")
+    if prior is not None:
+        if not isinstance(prior, torch.Tensor) or prior.dtype != torch.bool or prior.shape != score.shape:
+            raise ValueError(f"prior must be a bool tensor of shape {tuple(score.shape)}")
+        prior = prior.to(score.device)
+    return library.call(library.row_prune_mask, score, k, bool(absolute), prior)
 
 
 def key_histogram(score: torch.Tensor, *, absolute: bool = False, high: int = -1) -> torch.Tensor:

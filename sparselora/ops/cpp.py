@@ -21,6 +21,8 @@ __all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply
 
 CPP_PRIORITY = 10
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# the N:M and row kernels also read float64 (as 64-bit keys)
+_SELECT_DTYPE_CODES = {**_DTYPE_CODES, torch.float64: 3}
 
 try:
     from .. import _C
@@ -129,6 +131,40 @@ def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) ->
     _raise_nonfinite(nonfinite)
     del keep_alive
     return outs
+
+
+def _rows_reason(score: torch.Tensor, *args) -> str | None:
+    if _C is None:
+        return _IMPORT_ERROR
+    if score.device.type != "cpu":
+        return f"score is on {score.device}; the cpp backend runs CPU tensors"
+    prior = args[-1] if args and isinstance(args[-1], torch.Tensor) else None
+    return _mask_reason(prior)
+
+
+@register("nm_prune_mask", "cpp", priority=CPP_PRIORITY, check=_rows_reason)
+def nm_prune_mask(score: torch.Tensor, n: int, m: int, absolute: bool) -> torch.Tensor:
+    flat = score.detach().contiguous()
+    out = torch.empty(score.shape, dtype=torch.bool)
+    code = _SELECT_DTYPE_CODES[flat.dtype]
+    _raise_nonfinite(_C.nm_mask(flat.data_ptr(), code, flat.numel(), n, m, absolute, out.data_ptr(), _threads()))
+    return out
+
+
+@register("row_prune_mask", "cpp", priority=CPP_PRIORITY, check=_rows_reason)
+def row_prune_mask(score: torch.Tensor, k: int, absolute: bool, prior: torch.Tensor | None) -> torch.Tensor:
+    flat = score.detach().contiguous()
+    live = None if prior is None else prior.contiguous()
+    out = torch.empty(score.shape, dtype=torch.bool)
+    rows, cols = score.shape
+    nonfinite, bad_row, bad_count = _C.row_mask(
+        flat.data_ptr(), _SELECT_DTYPE_CODES[flat.dtype], rows, cols, k, absolute,
+        0 if live is None else live.data_ptr(), out.data_ptr(), _threads(),
+    )
+    if bad_row >= 0:
+        raise ValueError(f"prior already prunes {bad_count} weights of row {bad_row}, more than k={k}")
+    _raise_nonfinite(nonfinite)
+    return out
 
 
 def _inplace_reason(weight: torch.Tensor, mask: torch.Tensor | None, *_args) -> str | None:

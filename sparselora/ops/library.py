@@ -30,6 +30,8 @@ OPS = (
     "masked_lora_adapter_grad",
     "select_prune_mask",
     "key_histogram",
+    "nm_prune_mask",
+    "row_prune_mask",
 )
 __all__ = ["call", "OPS", *OPS]
 
@@ -136,6 +138,30 @@ key_histogram = _define("key_histogram", _key_histogram)
 @key_histogram.register_fake
 def _(score, absolute, high):
     return torch.empty(65536, dtype=torch.int64, device=score.device)
+
+
+def _nm_prune_mask(score: Tensor, n: int, m: int, absolute: bool) -> Tensor:
+    return _run("nm_prune_mask", score, n, m, absolute)
+
+
+nm_prune_mask = _define("nm_prune_mask", _nm_prune_mask)
+
+
+@nm_prune_mask.register_fake
+def _(score, n, m, absolute):
+    return torch.empty(score.shape, dtype=torch.bool, device=score.device)
+
+
+def _row_prune_mask(score: Tensor, k: int, absolute: bool, prior: Optional[Tensor]) -> Tensor:
+    return _run("row_prune_mask", score, k, absolute, prior)
+
+
+row_prune_mask = _define("row_prune_mask", _row_prune_mask)
+
+
+@row_prune_mask.register_fake
+def _(score, k, absolute, prior):
+    return torch.empty(score.shape, dtype=torch.bool, device=score.device)
 
 
 # ----- merge ------------------------------------------------------------------------------

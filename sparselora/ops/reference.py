@@ -26,6 +26,8 @@ __all__ = [
     "masked_lora_input_grad",
     "masked_lora_adapter_grad",
     "masked_copy",
+    "nm_prune_mask",
+    "row_prune_mask",
 ]
 
 REFERENCE_PRIORITY = 0
@@ -189,3 +191,51 @@ def key_histogram(score: torch.Tensor, absolute: bool, high: int) -> torch.Tenso
     if high < 0:
         return torch.bincount(keys >> 16, minlength=65536)
     return torch.bincount(keys[(keys >> 16) == high] & 0xFFFF, minlength=65536)
+
+
+def _sort_keys(score: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """A 2-D score's comparison keys: fp64 in fp64, every other dtype exactly in fp32."""
+    key = score.detach().to(torch.float64 if score.dtype == torch.float64 else torch.float32)
+    return key.abs() if absolute else key
+
+
+def _raise_nonfinite(count: int) -> None:
+    if count:
+        raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
+
+
+def _prune_first(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning the ``k`` first of each row's stable ascending order."""
+    keep = torch.ones(key.shape, dtype=torch.bool, device=key.device)
+    if k:
+        keep.scatter_(1, torch.sort(key, dim=1, stable=True).indices[:, :k], False)
+    return keep
+
+
+@register("nm_prune_mask", "reference", priority=REFERENCE_PRIORITY)
+def nm_prune_mask(score: torch.Tensor, n: int, m: int, absolute: bool) -> torch.Tensor:
+    key = _sort_keys(score, absolute)
+    _raise_nonfinite(int((~torch.isfinite(key)).sum()))
+    return _prune_first(key.reshape(-1, m), m - n).view(score.shape)
+
+
+def check_prior_rows(prior: torch.Tensor, k: int) -> None:
+    """ValueError naming the first row where ``prior`` already prunes more than ``k``."""
+    already = (~prior).sum(1)
+    over = (already > k).nonzero()
+    if over.numel():
+        row = int(over[0, 0])
+        raise ValueError(f"prior already prunes {int(already[row])} weights of row {row}, more than k={k}")
+
+
+@register("row_prune_mask", "reference", priority=REFERENCE_PRIORITY)
+def row_prune_mask(score: torch.Tensor, k: int, absolute: bool, prior: torch.Tensor | None) -> torch.Tensor:
+    key = _sort_keys(score, absolute)
+    bad = ~torch.isfinite(key)
+    if prior is not None:
+        check_prior_rows(prior, k)
+        bad &= prior
+        # below every finite score: the stable sort puts prior's prunes first
+        key = key.masked_fill(~prior, float("-inf"))
+    _raise_nonfinite(int(bad.sum()))
+    return _prune_first(key, k)
