@@ -160,15 +160,11 @@ def _row_mask(
     rows = rows.reshape(shape[0], -1)
     n_out, n_in = rows.shape
     k = ops.prune_count(n_in, sparsity)
-    # fp16/bf16/fp32 are exact in fp32, as in the ops' comparisons
-    key = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
-    if absolute:
-        key = key.abs()
-    bad = ~torch.isfinite(key)
+    if rows.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        rows = rows.float()  # e.g. integer scores of a custom metric: compared as before
     prior_rows = None
     if prior is not None:
         prior_rows = prior.movedim(out_dim, 0).reshape(n_out, n_in)
-        bad &= prior_rows
         already = (~prior_rows).sum(1)
         worst = int(already.argmax()) if n_out else 0
         if n_out and int(already[worst]) > k:
@@ -176,17 +172,18 @@ def _row_mask(
                 f"previous_masks already prune {int(already[worst])} weights of row {worst} of {name!r}, "
                 f"more than the {k} per row this sparsity prunes; a smaller mask would regrow pruned weights"
             )
-    if bool(bad.any()):
-        raise ValueError(f"scores of {name!r} contain {int(bad.sum())} NaN or inf values; scores must be finite")
-    if prior_rows is not None:
-        # below every finite score: the stable sort puts the already-pruned weights first
-        key = key.masked_fill(~prior_rows, float("-inf"))
-    keep = torch.ones((n_out, n_in), dtype=torch.bool, device=score.device)
-    if k:
-        chunk = max(1, _ROW_CHUNK_ELEMENTS // max(n_in, 1))
-        for start in range(0, n_out, chunk):
-            order = torch.sort(key[start : start + chunk], dim=1, stable=True).indices[:, :k]
-            keep[start : start + chunk].scatter_(1, order, False)
+    try:
+        keep = ops.row_prune_mask(rows, k, absolute=absolute, prior=prior_rows)
+    except ValueError:
+        # the op's message lacks the tensor's name: count again only on this error path
+        bad = ~torch.isfinite(rows)
+        if prior_rows is not None:
+            bad &= prior_rows
+        if bool(bad.any()):
+            raise ValueError(
+                f"scores of {name!r} contain {int(bad.sum())} NaN or inf values; scores must be finite"
+            ) from None
+        raise
     return keep.reshape(shape).movedim(0, out_dim).contiguous()
 
 
@@ -433,14 +430,17 @@ def compute_nm_mask(
     scores = generator._scores()
     masks = {}
     for t in generator.targets:
-        score = (t.weight.detach().abs() if scores is None else scores[t.name]).movedim(t.out_dim, 0)
+        # magnitude: |W| read straight from the weight by the op, no copy
+        absolute = scores is None
+        score = (t.weight.detach() if absolute else scores[t.name]).movedim(t.out_dim, 0)
         if score.numel() % m or score[0].numel() % m:
             raise ValueError(f"{t.name}: input size {score[0].numel()} is not a multiple of m={m}")
-        runs = score.reshape(-1, m).float()
-        # stable sort keeps the lower index first among equal scores, as everywhere else
-        order = torch.sort(runs, dim=1, stable=True).indices
-        keep = torch.ones_like(runs, dtype=torch.bool)
-        keep.scatter_(1, order[:, : m - n], False)
+        if score.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            score = score.float()  # e.g. integer scores of a custom metric: compared as before
+        try:
+            keep = ops.nm_prune_mask(score.reshape(score.shape[0], -1), n, m, absolute=absolute)
+        except ValueError as exc:
+            raise ValueError(f"{t.name}: {exc}") from None
         masks[t.name] = keep.reshape(score.shape).movedim(0, t.out_dim).contiguous()
     return masks
 
