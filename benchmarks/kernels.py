@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                  # full sizes (~100M weights), ~2.5 min
     python benchmarks/kernels.py --quick          # small sizes, seconds
     python benchmarks/kernels.py --json out.json  # also write the numbers
+    python benchmarks/kernels.py --only selection # only the 2:4 and row-scope table
 
 Each group of cases runs in its own subprocess. Inside it, "extra memory" is the peak RSS
 of a case's first run minus the RSS with the inputs already in memory; then the cases that
@@ -63,6 +64,8 @@ def mask_runner(method: str, net: torch.nn.Sequential):
         from sparselora.pruning.mask_generator import compute_unstructured_mask
 
         return lambda: compute_unstructured_mask(net, 0.5, global_pruning=True, progress=False)
+    if method in SELECTION_CASES:
+        return selection_runner(method, net)
     if method == "torch_sum":
         return lambda: sum(float(w.detach().sum()) for w in weights)
     if method == "kthvalue":
@@ -87,6 +90,38 @@ def mask_runner(method: str, net: torch.nn.Sequential):
 
         return run
     raise ValueError(method)
+
+
+# N:M 2:4 and row-scope 50% magnitude masks: ours, and the torch.sort path they replaced
+SELECTION_CASES = ("nm_2_4", "nm_2_4_sort", "row_50", "row_50_sort")
+
+
+def _sorted_prune(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning the first ``k`` of each row's stable ascending sort (the old path)."""
+    keep = torch.ones(key.shape, dtype=torch.bool)
+    keep.scatter_(1, torch.sort(key, dim=1, stable=True).indices[:, :k], False)
+    return keep
+
+
+def _sorted_rows(weight: torch.Tensor, k: int, chunk_elements: int = 1 << 22) -> torch.Tensor:
+    key = weight.detach().abs().float()
+    rows = max(1, chunk_elements // key.shape[1])  # as before: bounded int64 sort indices
+    return torch.cat([_sorted_prune(key[i : i + rows], k) for i in range(0, key.shape[0], rows)])
+
+
+def selection_runner(method: str, net: torch.nn.Sequential):
+    from sparselora.pruning.mask_generator import compute_nm_mask
+
+    weights = [m.weight for m in net]
+    if method == "nm_2_4":
+        return lambda: compute_nm_mask(net, 2, 4, progress=False)
+    if method == "nm_2_4_sort":
+        return lambda: [_sorted_prune(w.detach().abs().reshape(-1, 4).float(), 2).view(w.shape) for w in weights]
+    if method == "row_50":
+        from sparselora.pruning.mask_generator import compute_unstructured_mask
+
+        return lambda: compute_unstructured_mask(net, 0.5, scope="row", progress=False)
+    return lambda: [_sorted_rows(w, w.shape[1] // 2) for w in weights]
 
 
 def case_mask(methods: str, dtype_name: str, layers: int, side: int, repeat: int) -> dict:
@@ -169,11 +204,30 @@ def measure(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def selection_table(layers: int, side: int, repeat: int) -> dict:
+    """2:4 and row-scope 50% magnitude masks: time, the torch.sort path, % of one read."""
+    ours = measure("mask", "nm_2_4,row_50,torch_sum", "float32", layers, side, 3 * repeat)
+    old = measure("mask", "nm_2_4_sort,row_50_sort", "float32", layers, side, 3)
+    read = ours["torch_sum"]["seconds"]
+    print(f"\n2:4 and row-scope 50% magnitude masks, {layers} x Linear({side}, {side}) float32; "
+          f"one read of the weights {read * 1e3:.1f} ms")
+    print(f"{'mask':<12}{'sparselora':>12}{'% of read':>11}{'torch.sort':>12}{'speed-up':>10}{'extra peak RSS':>17}")
+    table = {}
+    for name in ("nm_2_4", "row_50"):
+        r, s = ours[name], old[f"{name}_sort"]
+        table[name] = {"sparselora": r, "torch_sort": s, "read_seconds": read,
+                       "bandwidth_fraction_of_read": read / r["seconds"], "speedup_vs_sort": s["seconds"] / r["seconds"]}
+        print(f"{name:<12}{r['seconds'] * 1e3:>10.1f}ms{read / r['seconds']:>10.0%}{s['seconds'] * 1e3:>10.1f}ms"
+              f"{s['seconds'] / r['seconds']:>9.1f}x{r['extra_bytes'] / 1e9:>14.2f} GB")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--skip-global-unstructured", action="store_true", help="skip the slow torch.prune baseline")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--only", choices=["selection"], help="run one table only")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -186,6 +240,13 @@ def main() -> None:
     repeat = 7
     results: dict = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpp_backend": cpp.available()}}
     gb = lambda b: b / 1e9  # noqa: E731
+
+    if args.only == "selection":
+        results["selection_masks"] = selection_table(layers, side, repeat)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(results, out, indent=2)
+        return
 
     results["global_mask"] = {}
     for dtype in ("float32", "bfloat16"):
@@ -211,6 +272,8 @@ def main() -> None:
         if "global_unstructured" in mask:
             summary["speedup_vs_global_unstructured"] = mask["global_unstructured"]["seconds"] / ours["seconds"]
         results["global_mask"][dtype] = {"cases": mask, "summary": summary}
+
+    results["selection_masks"] = selection_table(layers, side, repeat)
 
     print(f"\nmerge-with-mask {merge_side}x{merge_side}, r=16 (baseline: W.addmm_(B, A, alpha=s).mul_(M))")
     print(f"{'dtype':<10}{'sparselora':>12}{'bool mask':>12}{'speed-up':>10}{'float mask':>12}{'speed-up':>10}"

@@ -90,3 +90,30 @@ def test_dense_lora_linear_baseline(benchmark):
     B = torch.randn(SIDE, 16, generator=gen).requires_grad_()
     x = torch.randn(512, SIDE, generator=gen)
     benchmark(_step, lambda t: torch.nn.functional.linear(t, W) + 2.0 * (t @ A.t()) @ B.t(), x)
+
+
+def _sort_prune(key, k):
+    keep = torch.ones(key.shape, dtype=torch.bool)
+    return keep.scatter_(1, torch.sort(key, dim=1, stable=True).indices[:, :k], False)
+
+
+@pytest.mark.benchmark(group="2:4 magnitude mask")
+def test_nm_mask_sparselora(benchmark, weights):
+    masks = benchmark(lambda: [ops.nm_prune_mask(w, 2, 4, absolute=True) for w in weights])
+    assert all(int(m.sum()) == m.numel() // 2 for m in masks)
+
+
+@pytest.mark.benchmark(group="2:4 magnitude mask")
+def test_nm_mask_sort_baseline(benchmark, weights):
+    benchmark(lambda: [_sort_prune(w.abs().reshape(-1, 4), 2) for w in weights])
+
+
+@pytest.mark.benchmark(group="row-scope 50% magnitude mask")
+def test_row_mask_sparselora(benchmark, weights):
+    masks = benchmark(lambda: [ops.row_prune_mask(w, SIDE // 2, absolute=True) for w in weights])
+    assert all(int(m.sum()) == m.numel() // 2 for m in masks)
+
+
+@pytest.mark.benchmark(group="row-scope 50% magnitude mask")
+def test_row_mask_sort_baseline(benchmark, weights):
+    benchmark(lambda: [_sort_prune(w.abs(), SIDE // 2) for w in weights])
