@@ -17,10 +17,11 @@ evaluation part. Every pruned weight is a Linear weight of a decoder block; embe
 norms and the (tied) LM head stay dense. Pruning runs sequentially, block by block
 (``sparselora.pruning.sequential.prune_model``).
 
-Recovery: for the best 50% and 70% masks, ``sparse_to_sparse`` LoRA adapters (r=16) on
-every block Linear are trained on the pool with the language-modelling loss under bf16
-autocast, merged into plain Linear layers, checked for zero sparsity violations and
-measured again.
+Recovery: for the best 50% and 70% masks, LoRA adapters (r=16) on every block Linear are
+trained on the pool with the language-modelling loss under bf16 autocast, in both modes
+(``sparse_to_dense``: frozen masked base, dense adapters, merged through the mask;
+``sparse_to_sparse``: the forward pass already sees ``(W + s·BA) ⊙ M``), merged into plain
+Linear layers, checked for zero sparsity violations and measured again.
 
 Outputs, written atomically: ``llm_pruning.md``, ``llm_pruning.json`` and the plot.
 """
@@ -54,6 +55,8 @@ __all__ = ["GGUF_FILE", "model_dir", "load_smollm2", "split_text", "windows", "p
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("magnitude", "wanda", "sparsegpt")
+LORA_MODES = ("sparse_to_dense", "sparse_to_sparse")
+OWL_CHOICES = {"both": (False, True), "off": (False,), "on": (True,)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -118,13 +121,14 @@ def _sparsity_of(masks: dict[str, torch.Tensor]) -> float:
     return 1 - kept / sum(m.numel() for m in masks.values())
 
 
-def recover(model, masks, train_windows: torch.Tensor, steps: int, lr: float, rank: int, seed: int):
-    """sparse_to_sparse LoRA on every block Linear, bf16 autocast, merged; (merged model, seconds)."""
+def recover(model, masks, mode: str, train_windows: torch.Tensor, steps: int, lr: float, rank: int, seed: int):
+    """LoRA in ``mode`` on every block Linear of a copy of ``model``, bf16 autocast, merged with
+    the masks kept; (merged model, seconds)."""
     torch.manual_seed(seed)
     start = time.perf_counter()
-    config = SparseLoRAConfig(r=rank, alpha=2 * rank, dropout=0.0, sparsity_mode="sparse_to_sparse",
-                              target_modules=TARGETS)
-    model = apply_sparse_lora(model, masks, config)
+    config = SparseLoRAConfig(r=rank, alpha=2 * rank, dropout=0.0, sparsity_mode=mode,
+                              preserve_sparsity_on_merge=True, target_modules=TARGETS)
+    model = apply_sparse_lora(copy.deepcopy(model), masks, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -142,11 +146,11 @@ def recover(model, masks, train_windows: torch.Tensor, steps: int, lr: float, ra
     return merge_all_lora_weights(model), time.perf_counter() - start
 
 
-def _cases(sparsities: Sequence[str], methods: Sequence[str]) -> list[tuple[str, str, bool]]:
+def _cases(sparsities: Sequence[str], methods: Sequence[str], owl_choice: str) -> list[tuple[str, str, bool]]:
     cases = []
     for level in sparsities:
         for method in methods:
-            for owl in (False, True):
+            for owl in OWL_CHOICES[owl_choice]:
                 if owl and level == "2:4":
                     continue  # OWL allocates unstructured sparsity; N:M is fixed per run
                 cases.append((level, method, owl))
@@ -174,10 +178,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if results["recovery"]:
-        lines += ["", "| mask | pruned | + sparse LoRA, merged | violations | LoRA time |", "|---|---|---|---|---|"]
+        lines += ["", "| mask | pruned | LoRA mode | + LoRA, merged | violations | LoRA time |",
+                  "|---|---|---|---|---|---|"]
         for r in results["recovery"]:
             lines.append(f"| {r['level']} {r['method']}{' +OWL' if r['owl'] else ''} | {r['pruned']:.1f} | "
-                         f"{r['recovered']:.1f} | {r['violations']} | {r['seconds']:.0f} s |")
+                         f"{r['mode']} | {r['recovered']:.1f} | {r['violations']} | {r['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +239,14 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
+def _lora_modes(text: str) -> list[str]:
+    modes = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [m for m in modes if m not in LORA_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown LoRA modes {bad}; accepted: {', '.join(LORA_MODES)}")
+    return modes
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -247,6 +260,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, help="where the plot goes (default: OUTPUT_DIR/llm_pruning.png)")
     p.add_argument("--sparsities", type=_levels, default=["0.5", "0.7", "2:4"])
     p.add_argument("--methods", type=_methods, default=list(METHODS))
+    p.add_argument("--owl", choices=sorted(OWL_CHOICES), default="both",
+                   help="unstructured levels without OWL, with it, or both (default)")
+    p.add_argument("--lora-modes", type=_lora_modes, default=list(LORA_MODES))
     p.add_argument("--layers", type=_positive, help="prune only a slice: the first N blocks")
     p.add_argument("--calibration-samples", type=_positive, default=32)
     p.add_argument("--seq-len", type=_positive, default=256)
@@ -282,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["dense"] = perplexity(dense, eval_windows)
     print(f"dense perplexity {results['dense']:.2f} ({eval_windows.numel()} evaluation tokens)", flush=True)
     best: dict[str, tuple[float, dict, Any]] = {}
-    for level, method, owl in _cases(args.sparsities, args.methods):
+    for level, method, owl in _cases(args.sparsities, args.methods, args.owl):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         masks = prune_model(model, calibration, method, owl=owl, progress=not args.no_progress and None,
@@ -298,14 +314,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             best[level] = (ppl, masks, (method, owl, model))
     for level in [lv for lv in ("0.5", "0.7") if lv in best]:
         ppl, masks, (method, owl, model) = best[level]
-        merged, seconds = recover(model, masks, train_windows, args.lora_steps, args.lora_lr, args.rank, args.seed)
-        valid, report = validate_sparsity_preserved(merged, masks)
-        recovered = perplexity(merged, eval_windows)
-        results["recovery"].append({"level": level, "method": method, "owl": owl, "pruned": ppl,
-                                    "recovered": recovered, "violations": report["global"]["total_violations"],
-                                    "valid": valid, "seconds": seconds, "steps": args.lora_steps})
-        print(f"recovery {level} {method} owl={owl}: {ppl:.2f} -> {recovered:.2f} "
-              f"(violations {report['global']['total_violations']}, {seconds:.0f} s)", flush=True)
+        for mode in args.lora_modes:
+            merged, seconds = recover(model, masks, mode, train_windows, args.lora_steps, args.lora_lr, args.rank,
+                                      args.seed)
+            valid, report = validate_sparsity_preserved(merged, masks)
+            recovered = perplexity(merged, eval_windows)
+            violations = report["global"]["total_violations"]
+            results["recovery"].append({"level": level, "method": method, "owl": owl, "mode": mode, "pruned": ppl,
+                                        "recovered": recovered, "violations": violations, "valid": valid,
+                                        "seconds": seconds, "steps": args.lora_steps})
+            print(f"recovery {level} {method} owl={owl} {mode}: {ppl:.2f} -> {recovered:.2f} "
+                  f"(violations {violations}, {seconds:.0f} s)", flush=True)
     results["seconds"] = time.perf_counter() - started
     args.output_dir.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(results)

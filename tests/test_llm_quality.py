@@ -46,13 +46,15 @@ def test_quick_run_has_every_case_with_exact_sparsity(quick_run):
 
 def test_quick_run_recovers_with_sparse_lora_and_keeps_the_masks(quick_run):
     _, results = quick_run
-    assert [r["level"] for r in results["recovery"]] == ["0.5", "0.7"]
+    assert [(r["level"], r["mode"]) for r in results["recovery"]] == [
+        ("0.5", "sparse_to_dense"), ("0.5", "sparse_to_sparse"), ("0.7", "sparse_to_dense"), ("0.7", "sparse_to_sparse")]
     for row in results["recovery"]:
         assert row["violations"] == 0 and row["valid"]
         assert row["recovered"] < row["pruned"]
 
 
-@pytest.mark.parametrize("argv", [["--sparsities", "1.5"], ["--methods", "obs"], ["--layers", "0"]])
+@pytest.mark.parametrize("argv", [["--sparsities", "1.5"], ["--methods", "obs"], ["--layers", "0"],
+                                  ["--owl", "maybe"], ["--lora-modes", "dense"]])
 def test_bad_command_line_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         llm.parse_args(argv)
