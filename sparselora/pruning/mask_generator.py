@@ -138,10 +138,6 @@ def _select_within(
     return masks
 
 
-# rows sorted at once in row scope: bounds the int64 sort indices to 32 MiB per chunk
-_ROW_CHUNK_ELEMENTS = 1 << 22
-
-
 def _row_mask(
     score: torch.Tensor,
     out_dim: int,

@@ -265,18 +265,13 @@ def _sum_stats(stats: Mapping[str, GramAccumulator], ranks) -> None:
 def _nm_mask(score: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
     if score.shape[1] % m:
         raise ValueError(f"{name}: input size {score.shape[1]} is not a multiple of m={m}")
-    runs = score.reshape(-1, m).float()
-    order = torch.sort(runs, dim=1, stable=True).indices
-    keep = torch.ones_like(runs, dtype=torch.bool).scatter_(1, order[:, : m - n], False)
-    return keep.reshape(score.shape)
+    return ops.nm_prune_mask(score, n, m)
 
 
 def _row_or_layer_mask(score: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
     """Keep-mask of a 2-D ``(out, in)`` score: per row or over the whole layer, exact counts."""
-    from .mask_generator import _row_mask
-
     if scope == "row":
-        return _row_mask(score, 0, sparsity, None, False, "score")
+        return ops.row_prune_mask(score, ops.prune_count(score.shape[1], sparsity))
     (keep,) = ops.select_prune_mask([score], ops.prune_count(score.numel(), sparsity))
     return keep
 

@@ -98,13 +98,6 @@ def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep-mask of ``(rows, m)`` scores: the ``n`` largest of each row, ties lowest index pruned first."""
-    order = torch.sort(scores, dim=1, stable=True).indices
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    return keep.scatter_(1, order[:, : m - n], False)
-
-
 @torch.no_grad()
 def sparsegpt_prune_(
     weight: torch.Tensor,
@@ -154,7 +147,7 @@ def sparsegpt_prune_(
         for j in range(width):
             if n is not None and j % m == 0:
                 scores = block[:, j : j + m].square() / diag[j : j + m].square().unsqueeze(0)
-                block_keep[:, j : j + m] = _nm_keep(scores, n, m)
+                block_keep[:, j : j + m] = ops.nm_prune_mask(scores, n, m)  # ties: lowest index pruned first
             column = block[:, j]
             pruned = column * ~block_keep[:, j]
             error = pruned / diag[j]
