@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels are decorated at import: the interpreter must be chosen before sparselora
-# is imported. They run on CPU tensors only when a test forces SPARSELORA_BACKEND=triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton kernels are decorated at import: the interpreter must be chosen before sparselora
+# is imported. Without a GPU they run on CPU tensors, when a test forces
+# SPARSELORA_BACKEND=triton; with one, they are compiled and run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn as nn  # noqa: E402
 
 

@@ -48,15 +48,26 @@ class _Ranks:
             if not dist.is_initialized():
                 if "RANK" not in os.environ:
                     raise RuntimeError("distributed=True needs torchrun (RANK/WORLD_SIZE unset) or an initialised process group")
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
             self.dist = dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            # NCCL reduces CUDA tensors only; the sums here are small host tensors
+            self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         else:
             self.rank, self.world = 0, 1
+            self.device = None
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (through the GPU when the group is NCCL's)."""
         if self.distributed:
-            self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
+            if self.device is not None and tensor.device != self.device:
+                staged = tensor.to(self.device)
+                self.dist.all_reduce(staged, op=self.dist.ReduceOp.SUM)
+                tensor.copy_(staged)
+            else:
+                self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
         return tensor
 
     def barrier(self) -> None:

@@ -6,7 +6,7 @@ from ._common import triton_reason
 __all__ = ["triton_reason", "available"]
 
 try:
-    from . import histogram, masked_lora, merge, select  # noqa: F401 - registers the kernels
+    from . import histogram, masked_lora, rows, select, weight  # noqa: F401 - registers the kernels
 
     available = True
 except ImportError:  # triton missing: the other backends serve every call

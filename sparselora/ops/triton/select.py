@@ -1,5 +1,7 @@
-"""Exact selection on Triton: the cut from two summed key histograms, then the mask writer
-(ties pruned lowest flat index first, as everywhere else)."""
+"""Exact selection on Triton: the cut from two summed key histograms (one for bf16 scores,
+whose keys have nothing in their low half), then the mask writer (ties pruned lowest flat
+index first, as everywhere else). The group's histograms are summed on the device and copied
+to the host once per pass."""
 
 import struct
 from typing import Sequence
@@ -11,8 +13,8 @@ import triton.language as tl
 from .. import reference
 from .._dispatch import register
 from .._types import PruneThreshold, masks_under_threshold
-from ._common import TRITON_PRIORITY, triton_reason
-from .histogram import key_histogram, score_keys
+from ._common import TRITON_PRIORITY, device_guard, triton_reason
+from .histogram import histogram_counts, score_keys
 
 __all__ = ["prune_threshold", "write_prune_mask", "select_prune_mask"]
 
@@ -30,9 +32,10 @@ def _count_ties_kernel(
     BLOCK: tl.constexpr,  # scores per program
 ):
     pid = tl.program_id(0)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offsets < n
-    key = score_keys(tl.load(x_ptr + offsets, mask=valid, other=0.0), ABSOLUTE)
+    base = pid.to(tl.int64) * BLOCK
+    at = tl.arange(0, BLOCK)
+    valid = at < tl.minimum(n - base, BLOCK).to(tl.int32)
+    key = score_keys(tl.load(x_ptr + base + at, mask=valid, other=0.0), ABSOLUTE)
     tl.store(ties_ptr + pid, tl.sum((valid & (key == cut)).to(tl.int32), axis=0))
 
 
@@ -49,14 +52,15 @@ def _write_mask_kernel(
     BLOCK: tl.constexpr,  # scores per program
 ):
     pid = tl.program_id(0)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offsets < n
-    key = score_keys(tl.load(x_ptr + offsets, mask=valid, other=0.0), ABSOLUTE)
+    base = pid.to(tl.int64) * BLOCK
+    at = tl.arange(0, BLOCK)
+    valid = at < tl.minimum(n - base, BLOCK).to(tl.int32)
+    key = score_keys(tl.load(x_ptr + base + at, mask=valid, other=0.0), ABSOLUTE)
     below = (key ^ -2147483648) < cut_flipped
     tie = valid & (key == cut)
     rank = tl.load(ties_before_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
     pruned = below | (tie & (rank < ties_left))
-    tl.store(keep_ptr + offsets, 1 - pruned.to(tl.uint8), mask=valid)  # no ~ on bools: triton 3.0 lacks it
+    tl.store(keep_ptr + base + at, 1 - pruned.to(tl.uint8), mask=valid)  # no ~ on bools: triton 3.0 lacks it
 
 
 def _key_of(value: float, absolute: bool) -> int:
@@ -70,12 +74,40 @@ def _scores_reason(scores, *_args):
     return triton_reason(*scores)
 
 
+def _low_half_of_bf16(high_counts: torch.Tensor, high: int, absolute: bool) -> torch.Tensor:
+    """The second-pass histogram of bf16 scores, known without reading them again: a bf16
+    value's key has 0 in its low 16 bits, or 0xFFFF for a negative value's flipped key."""
+    low = torch.zeros(65536, dtype=torch.int64)
+    low[0xFFFF if (not absolute and high < 0x8000) else 0] = high_counts[high]
+    return low
+
+
+def _group_histogram(scores: Sequence[torch.Tensor], absolute: bool, high: int) -> torch.Tensor:
+    counts = None
+    for s in scores:
+        counts = histogram_counts(s, absolute, high, into=counts)
+    counts = counts.cpu()  # one copy per pass for the whole group
+    if int(counts[65536]):
+        raise ValueError(f"scores contain {int(counts[65536])} NaN or inf values; scores must be finite")
+    return counts[:65536]
+
+
 @register("prune_threshold", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
     from .. import streaming_threshold
 
     total = sum(s.numel() for s in scores)
-    return streaming_threshold(lambda high: sum(key_histogram(s, absolute, high) for s in scores), k, total, absolute=absolute)
+    first: list[torch.Tensor] = []
+    one_pass = bool(scores) and all(s.dtype == torch.bfloat16 for s in scores)
+
+    def histogram(high: int) -> torch.Tensor:
+        if high >= 0 and one_pass:
+            return _low_half_of_bf16(first[0], high, absolute)
+        counts = _group_histogram(scores, absolute, high)
+        first.append(counts)
+        return counts
+
+    return streaming_threshold(histogram, k, total, absolute=absolute)
 
 
 def _write_reason(score, *_args):
@@ -97,9 +129,11 @@ def write_prune_mask(
         programs = triton.cdiv(n, BLOCK)
         cut = _key_of(threshold.value, absolute)
         ties = torch.empty(programs, dtype=torch.int32, device=flat.device)
-        _count_ties_kernel[(programs,)](flat, ties, n, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
-        before = torch.cumsum(ties.to(torch.int64), 0) - ties.to(torch.int64)
-        _write_mask_kernel[(programs,)](flat, keep, before, n, cut ^ _INT_MIN, cut, ties_left, ABSOLUTE=absolute, BLOCK=BLOCK)
+        with device_guard(flat):
+            _count_ties_kernel[(programs,)](flat, ties, n, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
+            before = torch.cumsum(ties.to(torch.int64), 0) - ties.to(torch.int64)
+            _write_mask_kernel[(programs,)](flat, keep, before, n, cut ^ _INT_MIN, cut, ties_left,
+                                            ABSOLUTE=absolute, BLOCK=BLOCK)
         used = min(int(ties.sum()), ties_left)
     mask = keep.view(torch.bool).reshape(score.shape)
     return (reference._pack(mask) if packed else mask), used
