@@ -329,3 +329,12 @@ def test_tile_origins_are_64_bit():
             if not widened:
                 narrow.append(f"{path.name}:{number}")
     assert narrow == []
+
+
+def test_gpu_script_checks_pass_under_the_interpreter(capsys):
+    from conftest import load_benchmark
+
+    gpu = load_benchmark("triton_gpu")
+    assert gpu.main(["--interpret", "--checks-only"]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out and out.count("  ok  ") >= 27
