@@ -50,19 +50,6 @@ namespace rows_avx2 {
 
 namespace {
 
-// The mask is written once into fresh memory: on huge pages it takes 512x fewer page faults.
-void advise_huge_pages(void* p, int64_t bytes) {
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 bool use_avx2() {
 #ifdef SPARSELORA_ROWS_AVX2
   return simd_enabled();

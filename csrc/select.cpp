@@ -242,20 +242,6 @@ Cut radix_cut(const std::vector<Buffer>& tensors, int64_t k, bool absolute, int 
   return {static_cast<uint32_t>((high << 16) | low), need - before_low, 0};
 }
 
-// Asks for transparent huge pages on a fresh output buffer: first writes then fault 2 MiB
-// at a time instead of 4 KiB (a bool mask of 100M weights is 25,000 small faults).
-void advise_huge_pages(void* p, int64_t bytes) {
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 constexpr int kBuckets = 253;  // byte values 2..254 of an undecided key
 
 // select_masks for bool masks, with nothing beside the masks but a few kilobytes:

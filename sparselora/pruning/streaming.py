@@ -11,6 +11,7 @@ single-process ones bit for bit.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import time
@@ -35,6 +36,13 @@ PathLike = Union[str, os.PathLike]
 Globs = Union[str, Sequence[str], None]
 
 
+def _destroy_group_at_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _Ranks:
     """This process's place among the ranks; one rank when not distributed."""
 
@@ -51,6 +59,8 @@ class _Ranks:
                 if torch.cuda.is_available():
                     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+                # a group left up at exit can abort the process as its threads are torn down
+                atexit.register(_destroy_group_at_exit)
             self.dist = dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             # NCCL reduces CUDA tensors only; the sums here are small host tensors
