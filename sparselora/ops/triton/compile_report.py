@@ -67,12 +67,13 @@ def cases() -> list[tuple[str, object, dict, dict, bool, int]]:
                     {"x_ptr": f"*{dtype}", "counts_ptr": "*i64", "n": "i64", "high": "i32",
                      **{k: "constexpr" for k in const}}, const, False))
     const = {"ABSOLUTE": True, "BLOCK": select.BLOCK}
-    out.append(("count ties fp32", select._count_ties_kernel,
-                {"x_ptr": "*fp32", "ties_ptr": "*i32", "n": "i64", "cut": "i32", **{k: "constexpr" for k in const}},
-                const, False))
     out.append(("write mask fp32", select._write_mask_kernel,
-                {"x_ptr": "*fp32", "keep_ptr": "*u8", "ties_before_ptr": "*i64", "n": "i64", "cut_flipped": "i32",
-                 "cut": "i32", "ties_left": "i64", **{k: "constexpr" for k in const}}, const, False))
+                {"x_ptr": "*fp32", "keep_ptr": "*u8", "ties_ptr": "*i32", "n": "i64", "cut_flipped": "i32",
+                 "cut": "i32", **{k: "constexpr" for k in const}}, const, False))
+    const = {"BLOCK": select.BLOCK}
+    out.append(("settle ties", select._settle_ties_kernel,
+                {"keep_ptr": "*u8", "ties_ptr": "*i32", "ties_before_ptr": "*i64", "n": "i64", "ties_left": "i64",
+                 **{k: "constexpr" for k in const}}, const, False))
     for m_pad in (4, 8, 16):
         const = {"M_PAD": m_pad, "ABSOLUTE": True, "BLOCK": rows.nm_block(m_pad)}
         out.append((f"N:M m={m_pad} fp32", rows._nm_kernel,

@@ -23,31 +23,13 @@ _INT_MIN = -(2**31)
 
 
 @triton.jit
-def _count_ties_kernel(
-    x_ptr,  # scores
-    ties_ptr,  # int32[programs]: scores equal to the cut in each block
-    n,  # number of scores
-    cut,  # the cut's key, as int32 bits
-    ABSOLUTE: tl.constexpr,  # keys of |x|
-    BLOCK: tl.constexpr,  # scores per program
-):
-    pid = tl.program_id(0)
-    base = pid.to(tl.int64) * BLOCK
-    at = tl.arange(0, BLOCK)
-    valid = at < tl.minimum(n - base, BLOCK).to(tl.int32)
-    key = score_keys(tl.load(x_ptr + base + at, mask=valid, other=0.0), ABSOLUTE)
-    tl.store(ties_ptr + pid, tl.sum((valid & (key == cut)).to(tl.int32), axis=0))
-
-
-@triton.jit
 def _write_mask_kernel(
     x_ptr,  # scores
-    keep_ptr,  # uint8 keep-mask out (1 = kept)
-    ties_before_ptr,  # int64[programs]: ties in earlier blocks (exclusive prefix sum)
+    keep_ptr,  # uint8 mask out: 1 kept, 0 pruned, 2 tied with the cut (settled by _settle_ties_kernel)
+    ties_ptr,  # int32[programs] out: scores equal to the cut in each block
     n,  # number of scores
     cut_flipped,  # the cut's key with its top bit flipped: unsigned order as signed int32
     cut,  # the cut's key, as int32 bits
-    ties_left,  # how many tied scores this tensor may prune, first in flat order
     ABSOLUTE: tl.constexpr,  # keys of |x|
     BLOCK: tl.constexpr,  # scores per program
 ):
@@ -58,9 +40,28 @@ def _write_mask_kernel(
     key = score_keys(tl.load(x_ptr + base + at, mask=valid, other=0.0), ABSOLUTE)
     below = (key ^ -2147483648) < cut_flipped
     tie = valid & (key == cut)
+    tl.store(keep_ptr + base + at, tl.where(tie, 2, 1 - below.to(tl.uint8)).to(tl.uint8), mask=valid)
+    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _settle_ties_kernel(
+    keep_ptr,  # uint8 mask from _write_mask_kernel, settled in place
+    ties_ptr,  # int32[programs]: ties in each block
+    ties_before_ptr,  # int64[programs]: ties in earlier blocks (exclusive prefix sum)
+    n,  # number of scores
+    ties_left,  # how many tied scores this tensor may prune, first in flat order
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * BLOCK
+    at = tl.arange(0, BLOCK)
+    # blocks without ties touch no memory: their loads and stores are masked off
+    limit = tl.where(tl.load(ties_ptr + pid) > 0, tl.minimum(n - base, BLOCK), 0).to(tl.int32)
+    live = at < limit
+    tie = tl.load(keep_ptr + base + at, mask=live, other=0) == 2
     rank = tl.load(ties_before_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
-    pruned = below | (tie & (rank < ties_left))
-    tl.store(keep_ptr + base + at, 1 - pruned.to(tl.uint8), mask=valid)  # no ~ on bools: triton 3.0 lacks it
+    tl.store(keep_ptr + base + at, 1 - (rank < ties_left).to(tl.uint8), mask=live & tie)
 
 
 def _key_of(value: float, absolute: bool) -> int:
@@ -130,10 +131,10 @@ def write_prune_mask(
         cut = _key_of(threshold.value, absolute)
         ties = torch.empty(programs, dtype=torch.int32, device=flat.device)
         with device_guard(flat):
-            _count_ties_kernel[(programs,)](flat, ties, n, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
-            before = torch.cumsum(ties.to(torch.int64), 0) - ties.to(torch.int64)
-            _write_mask_kernel[(programs,)](flat, keep, before, n, cut ^ _INT_MIN, cut, ties_left,
-                                            ABSOLUTE=absolute, BLOCK=BLOCK)
+            # one read of the scores; the ties wait in the mask as 2s, then only their blocks are revisited
+            _write_mask_kernel[(programs,)](flat, keep, ties, n, cut ^ _INT_MIN, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
+            before = torch.cumsum(ties, 0, dtype=torch.int64) - ties
+            _settle_ties_kernel[(programs,)](keep, ties, before, n, ties_left, BLOCK=BLOCK)
         used = min(int(ties.sum()), ties_left)
     mask = keep.view(torch.bool).reshape(score.shape)
     return (reference._pack(mask) if packed else mask), used
