@@ -335,6 +335,6 @@ def test_gpu_script_checks_pass_under_the_interpreter(capsys):
     from conftest import load_benchmark
 
     gpu = load_benchmark("triton_gpu")
-    assert gpu.main(["--interpret", "--checks-only"]) == 0
+    assert gpu.main(["--checks-only"] + ([] if torch.cuda.is_available() else ["--interpret"])) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out and out.count("  ok  ") >= 27
