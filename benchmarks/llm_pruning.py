@@ -165,7 +165,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     rows = results["pruned"]
     levels = list(dict.fromkeys(r["level"] for r in rows))
     lines = [f"dense perplexity: {results['dense']:.2f}", "",
-             "| method | " + " | ".join(f"{lv}" + ("" if lv == "2:4" else " / +OWL") for lv in levels) + " |",
+             "| method | " + " | ".join(f"{lv}" + (" / +OWL" if any(r["owl"] and r["level"] == lv for r in rows) else "")
+                                       for lv in levels) + " |",
              "|---|" + "---|" * len(levels)]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
