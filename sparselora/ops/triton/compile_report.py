@@ -61,19 +61,19 @@ def cases() -> list[tuple[str, object, dict, dict, bool, int]]:
         out.append((f"mask {'in place' if in_place else 'copy'} bf16", weight._mask_kernel,
                     {"src_ptr": "*bf16", "dst_ptr": "*bf16", "keep_ptr": "*u8", "n": "i64",
                      **{k: "constexpr" for k in const}}, const, False))
-    for dtype in ("fp32", "bf16"):
-        const = {"ABSOLUTE": True, "BLOCK": histogram.BLOCK}
+    table = {"addresses_ptr": "*i64", "numels_ptr": "*i64"}
+    for dtype, tl_dtype in (("fp32", "fp32"), ("bf16", "bf16")):
+        const = {"DTYPE": getattr(histogram.tl, {"fp32": "float32", "bf16": "bfloat16"}[tl_dtype]),
+                 "ABSOLUTE": True, "BLOCK": histogram.BLOCK}
         out.append((f"histogram {dtype}", histogram._histogram_kernel,
-                    {"x_ptr": f"*{dtype}", "counts_ptr": "*i64", "n": "i64", "high": "i32",
-                     **{k: "constexpr" for k in const}}, const, False))
-    const = {"ABSOLUTE": True, "BLOCK": select.BLOCK}
-    out.append(("write mask fp32", select._write_mask_kernel,
-                {"x_ptr": "*fp32", "keep_ptr": "*u8", "ties_ptr": "*i32", "n": "i64", "cut_flipped": "i32",
-                 "cut": "i32", **{k: "constexpr" for k in const}}, const, False))
-    const = {"BLOCK": select.BLOCK}
+                    {**table, "counts_ptr": "*i64", "high": "i32", **{k: "constexpr" for k in const}}, const, False))
+        out.append((f"write mask {dtype}", select._write_mask_kernel,
+                    {**table, "keep_table_ptr": "*i64", "ties_ptr": "*i32", "blocks": "i32", "cut_flipped": "i32",
+                     "cut": "i32", **{k: "constexpr" for k in const}}, const, False))
+    const = {"BLOCK": histogram.BLOCK}
     out.append(("settle ties", select._settle_ties_kernel,
-                {"keep_ptr": "*u8", "ties_ptr": "*i32", "ties_before_ptr": "*i64", "n": "i64", "ties_left": "i64",
-                 **{k: "constexpr" for k in const}}, const, False))
+                {"numels_ptr": "*i64", "keep_table_ptr": "*i64", "ties_ptr": "*i32", "ties_before_ptr": "*i64",
+                 "blocks": "i32", "ties_left": "i64", **{k: "constexpr" for k in const}}, const, False))
     for m_pad in (4, 8, 16):
         const = {"M_PAD": m_pad, "ABSOLUTE": True, "BLOCK": rows.nm_block(m_pad)}
         out.append((f"N:M m={m_pad} fp32", rows._nm_kernel,

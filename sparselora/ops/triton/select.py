@@ -1,7 +1,9 @@
-"""Exact selection on Triton: the cut from two summed key histograms (one for bf16 scores,
-whose keys have nothing in their low half), then the mask writer (ties pruned lowest flat
-index first, as everywhere else). The group's histograms are summed on the device and copied
-to the host once per pass."""
+"""Exact selection on Triton: the cut from two key histograms of the whole group (one for
+bf16 scores, whose keys have nothing in their low half), copied to the host once per pass;
+then one launch writes every mask of the group, holding the scores tied with the cut as 2s,
+and one more settles them, lowest flat index first in group order, touching only the
+blocks that hold ties. Each kernel reads a table of the tensors' addresses, so the launches
+do not grow with the number of tensors."""
 
 import struct
 from typing import Sequence
@@ -14,53 +16,54 @@ from .. import reference
 from .._dispatch import register
 from .._types import PruneThreshold, masks_under_threshold
 from ._common import TRITON_PRIORITY, device_guard, triton_reason
-from .histogram import histogram_counts, score_keys
+from .histogram import BLOCK, MAX_TENSORS, TensorTable, histogram_counts, load_block, score_keys
 
 __all__ = ["prune_threshold", "write_prune_mask", "select_prune_mask"]
 
-BLOCK = 1024
 _INT_MIN = -(2**31)
 
 
 @triton.jit
 def _write_mask_kernel(
-    x_ptr,  # scores
-    keep_ptr,  # uint8 mask out: 1 kept, 0 pruned, 2 tied with the cut (settled by _settle_ties_kernel)
-    ties_ptr,  # int32[programs] out: scores equal to the cut in each block
-    n,  # number of scores
+    addresses_ptr,  # int64[tensors]: each score tensor's address (same dtype, contiguous)
+    numels_ptr,  # int64[tensors]: each tensor's size
+    keep_table_ptr,  # int64[tensors]: each uint8 mask's address; 1 kept, 0 pruned, 2 tied with the cut
+    ties_ptr,  # int32[tensors, blocks] out: scores equal to the cut in each block
+    blocks,  # blocks of the largest tensor (the grid's first dimension)
     cut_flipped,  # the cut's key with its top bit flipped: unsigned order as signed int32
     cut,  # the cut's key, as int32 bits
-    ABSOLUTE: tl.constexpr,  # keys of |x|
-    BLOCK: tl.constexpr,  # scores per program
+    DTYPE: tl.constexpr, ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    base = pid.to(tl.int64) * BLOCK
-    at = tl.arange(0, BLOCK)
-    valid = at < tl.minimum(n - base, BLOCK).to(tl.int32)
-    key = score_keys(tl.load(x_ptr + base + at, mask=valid, other=0.0), ABSOLUTE)
+    x, valid, tensor, base = load_block(addresses_ptr, numels_ptr, DTYPE, BLOCK)
+    key = score_keys(x, ABSOLUTE)
     below = (key ^ -2147483648) < cut_flipped
     tie = valid & (key == cut)
+    keep_ptr = tl.load(keep_table_ptr + tensor).to(tl.pointer_type(tl.uint8))
+    at = tl.arange(0, BLOCK)
     tl.store(keep_ptr + base + at, tl.where(tie, 2, 1 - below.to(tl.uint8)).to(tl.uint8), mask=valid)
-    tl.store(ties_ptr + pid, tl.sum(tie.to(tl.int32), axis=0))
+    tl.store(ties_ptr + tensor * blocks + tl.program_id(0).to(tl.int64), tl.sum(tie.to(tl.int32), axis=0))
 
 
 @triton.jit
 def _settle_ties_kernel(
-    keep_ptr,  # uint8 mask from _write_mask_kernel, settled in place
-    ties_ptr,  # int32[programs]: ties in each block
-    ties_before_ptr,  # int64[programs]: ties in earlier blocks (exclusive prefix sum)
-    n,  # number of scores
-    ties_left,  # how many tied scores this tensor may prune, first in flat order
+    numels_ptr,  # int64[tensors]: each tensor's size
+    keep_table_ptr,  # int64[tensors]: the masks from _write_mask_kernel, settled in place
+    ties_ptr,  # int32[tensors, blocks]: ties in each block
+    ties_before_ptr,  # int64[tensors, blocks]: ties in earlier blocks of the group, tensor by tensor
+    blocks,  # blocks of the largest tensor
+    ties_left,  # how many tied scores the group may prune, first in flat order
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    base = pid.to(tl.int64) * BLOCK
+    tensor = tl.program_id(1).to(tl.int64)
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    slot = tensor * blocks + tl.program_id(0).to(tl.int64)
     at = tl.arange(0, BLOCK)
     # blocks without ties touch no memory: their loads and stores are masked off
-    limit = tl.where(tl.load(ties_ptr + pid) > 0, tl.minimum(n - base, BLOCK), 0).to(tl.int32)
-    live = at < limit
+    size = tl.maximum(tl.minimum(tl.load(numels_ptr + tensor) - base, BLOCK), 0)
+    live = at < tl.where(tl.load(ties_ptr + slot) > 0, size, 0).to(tl.int32)
+    keep_ptr = tl.load(keep_table_ptr + tensor).to(tl.pointer_type(tl.uint8))
     tie = tl.load(keep_ptr + base + at, mask=live, other=0) == 2
-    rank = tl.load(ties_before_ptr + pid) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
+    rank = tl.load(ties_before_ptr + slot) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
     tl.store(keep_ptr + base + at, 1 - (rank < ties_left).to(tl.uint8), mask=live & tie)
 
 
@@ -84,10 +87,7 @@ def _low_half_of_bf16(high_counts: torch.Tensor, high: int, absolute: bool) -> t
 
 
 def _group_histogram(scores: Sequence[torch.Tensor], absolute: bool, high: int) -> torch.Tensor:
-    counts = None
-    for s in scores:
-        counts = histogram_counts(s, absolute, high, into=counts)
-    counts = counts.cpu()  # one copy per pass for the whole group
+    counts = histogram_counts(scores, absolute, high).cpu()  # one copy per pass for the whole group
     if int(counts[65536]):
         raise ValueError(f"scores contain {int(counts[65536])} NaN or inf values; scores must be finite")
     return counts[:65536]
@@ -115,6 +115,28 @@ def _write_reason(score, *_args):
     return triton_reason(score)
 
 
+def _write_masks(scores: Sequence[torch.Tensor], threshold: PruneThreshold, ties_left: int,
+                 absolute: bool) -> tuple[list[torch.Tensor], int]:
+    """Keep-masks of same-dtype ``scores`` in one launch (and one to settle the ties); the
+    first ``ties_left`` tied scores in group order are pruned. Returns (masks, ties used)."""
+    table = TensorTable(scores)
+    keeps = [torch.empty(n, dtype=torch.uint8, device=table.device) for n in table.sizes]
+    used = 0
+    if table.blocks:
+        cut = _key_of(threshold.value, absolute)
+        keep_table = torch.tensor([k.data_ptr() for k in keeps], dtype=torch.int64, device=table.device)
+        ties = torch.zeros(len(keeps), table.blocks, dtype=torch.int32, device=table.device)
+        with device_guard(ties):
+            # one read of the scores; the ties wait in the masks as 2s, then only their blocks are revisited
+            _write_mask_kernel[table.grid()](table.addresses, table.numels, keep_table, ties, table.blocks,
+                                             cut ^ _INT_MIN, cut, DTYPE=table.dtype, ABSOLUTE=absolute, BLOCK=BLOCK)
+            before = torch.cumsum(ties.reshape(-1), 0, dtype=torch.int64) - ties.reshape(-1)
+            _settle_ties_kernel[table.grid()](table.numels, keep_table, ties, before, table.blocks, ties_left,
+                                              BLOCK=BLOCK)
+        used = min(int(ties.sum()), ties_left)
+    return [k.view(torch.bool).reshape(s.shape) for k, s in zip(keeps, scores)], used
+
+
 @register("write_prune_mask", "triton", priority=TRITON_PRIORITY, check=_write_reason)
 def write_prune_mask(
     score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool, packed: bool = False
@@ -122,24 +144,13 @@ def write_prune_mask(
     if threshold.value == float("-inf"):
         keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
         return (reference._pack(keep) if packed else keep), 0
-    flat = score.detach().contiguous().reshape(-1)
-    n = flat.numel()
-    keep = torch.empty(n, dtype=torch.uint8, device=flat.device)
-    used = 0
-    if n:
-        programs = triton.cdiv(n, BLOCK)
-        cut = _key_of(threshold.value, absolute)
-        ties = torch.empty(programs, dtype=torch.int32, device=flat.device)
-        with device_guard(flat):
-            # one read of the scores; the ties wait in the mask as 2s, then only their blocks are revisited
-            _write_mask_kernel[(programs,)](flat, keep, ties, n, cut ^ _INT_MIN, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
-            before = torch.cumsum(ties, 0, dtype=torch.int64) - ties
-            _settle_ties_kernel[(programs,)](keep, ties, before, n, ties_left, BLOCK=BLOCK)
-        used = min(int(ties.sum()), ties_left)
-    mask = keep.view(torch.bool).reshape(score.shape)
+    (mask,), used = _write_masks([score], threshold, ties_left, absolute)
     return (reference._pack(mask) if packed else mask), used
 
 
 @register("select_prune_mask", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
 def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
-    return masks_under_threshold(scores, prune_threshold(scores, k, absolute), write_prune_mask, absolute)
+    threshold = prune_threshold(scores, k, absolute)
+    if threshold.value == float("-inf") or len({s.dtype for s in scores}) > 1 or len(scores) > MAX_TENSORS:
+        return masks_under_threshold(scores, threshold, write_prune_mask, absolute)
+    return _write_masks(scores, threshold, threshold.ties, absolute)[0]
