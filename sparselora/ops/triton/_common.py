@@ -1,7 +1,5 @@
 """When the Triton backend may take a call, and what every kernel launch shares."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 

@@ -10,9 +10,8 @@ reports registers and spills. Needs Triton, not a GPU, and must run without
 ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels by Python functions).
 """
 
-from __future__ import annotations
-
 import argparse
+import inspect
 import json
 import os
 import re
@@ -61,18 +60,18 @@ def cases() -> list[tuple[str, object, dict, dict, bool, int]]:
         out.append((f"mask {'in place' if in_place else 'copy'} bf16", weight._mask_kernel,
                     {"src_ptr": "*bf16", "dst_ptr": "*bf16", "keep_ptr": "*u8", "n": "i64",
                      **{k: "constexpr" for k in const}}, const, False))
-    table = {"addresses_ptr": "*i64", "numels_ptr": "*i64"}
-    for dtype, tl_dtype in (("fp32", "fp32"), ("bf16", "bf16")):
-        const = {"DTYPE": getattr(histogram.tl, {"fp32": "float32", "bf16": "bfloat16"}[tl_dtype]),
-                 "ABSOLUTE": True, "BLOCK": histogram.BLOCK}
+    for dtype in ("fp32", "bf16"):
+        table = {"first_ptr": f"*{dtype}", "offsets_ptr": "*i64", "numels_ptr": "*i64"}
+        const = {"ABSOLUTE": True, "BLOCK": histogram.BLOCK}
         out.append((f"histogram {dtype}", histogram._histogram_kernel,
                     {**table, "counts_ptr": "*i64", "high": "i32", **{k: "constexpr" for k in const}}, const, False))
         out.append((f"write mask {dtype}", select._write_mask_kernel,
-                    {**table, "keep_table_ptr": "*i64", "ties_ptr": "*i32", "blocks": "i32", "cut_flipped": "i32",
-                     "cut": "i32", **{k: "constexpr" for k in const}}, const, False))
+                    {**table, "first_keep_ptr": "*u8", "keep_offsets_ptr": "*i64", "ties_ptr": "*i32", "blocks": "i32",
+                     "cut_flipped": "i32", "cut": "i32", **{k: "constexpr" for k in const}}, const, False))
     const = {"BLOCK": histogram.BLOCK}
     out.append(("settle ties", select._settle_ties_kernel,
-                {"numels_ptr": "*i64", "keep_table_ptr": "*i64", "ties_ptr": "*i32", "ties_before_ptr": "*i64",
+                {"numels_ptr": "*i64", "first_keep_ptr": "*u8", "keep_offsets_ptr": "*i64", "ties_ptr": "*i32",
+                 "ties_before_ptr": "*i64",
                  "blocks": "i32", "ties_left": "i64", **{k: "constexpr" for k in const}}, const, False))
     for m_pad in (4, 8, 16):
         const = {"M_PAD": m_pad, "ABSOLUTE": True, "BLOCK": rows.nm_block(m_pad)}
@@ -110,6 +109,16 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     raise RuntimeError("no bundled ptxas accepted the PTX: " + "; ".join(errors))
 
 
+def _source(ast_source, kernel, signature: dict, constexprs: dict):
+    """The kernel as Triton's compiler takes it: by argument name with the constexprs in the
+    signature (Triton >= 3.2), or by argument index without them (Triton 3.0 and 3.1)."""
+    if "constexprs" in inspect.signature(ast_source.__init__).parameters:
+        return ast_source(kernel, signature, constexprs=constexprs)
+    index = kernel.arg_names.index
+    return ast_source(kernel, {index(k): v for k, v in signature.items() if v != "constexpr"},
+                      constants={index(k): v for k, v in constexprs.items()})
+
+
 def compile_case(name: str, kernel, signature: dict, constexprs: dict, needs_tc: bool, warps: int,
                  arch: int) -> KernelReport:
     """Compile one kernel configuration for ``sm_<arch>`` and measure it."""
@@ -117,7 +126,7 @@ def compile_case(name: str, kernel, signature: dict, constexprs: dict, needs_tc:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+    compiled = triton.compile(_source(ASTSource, kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     regs, stores, loads = _ptxas_usage(ptx, arch)

@@ -1,13 +1,11 @@
 """Key histogram on Triton: 65536 bins of order-preserving 32-bit score keys.
 
 One launch covers a whole group of tensors of one dtype: the kernel reads a table of their
-addresses and sizes (a 2-D grid of blocks × tensors), so a model's worth of weights costs
+places, as element offsets from the first tensor, and sizes (a 2-D grid of blocks × tensors), so a model's worth of weights costs
 one launch per pass, not one per tensor. Offsets and counts are 64-bit (more than 2^31
 scores work). The bin updates are relaxed atomics: only their sum matters, so no memory
 fence is needed.
 """
-
-from __future__ import annotations
 
 from typing import Sequence
 
@@ -18,25 +16,35 @@ import triton.language as tl
 from .._dispatch import register
 from ._common import TRITON_PRIORITY, device_guard, triton_reason
 
-__all__ = ["key_histogram", "score_keys", "histogram_counts", "TensorTable", "TL_DTYPES"]
+__all__ = ["key_histogram", "score_keys", "histogram_counts", "TensorTable", "offsets_from"]
 
 BLOCK = 1024
 MAX_TENSORS = 65535  # the grid's second dimension: tensors per launch
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def offsets_from(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Where each same-dtype tensor starts, in elements from the first one (int64, on their
+    device): the first tensor's pointer plus an offset reaches every other, with no integer
+    to pointer casts in the kernels."""
+    size = tensors[0].element_size()
+    first = tensors[0].data_ptr()
+    gaps = [t.data_ptr() - first for t in tensors]
+    if any(gap % size for gap in gaps):  # torch places elements on multiples of their size
+        raise ValueError("tensors of one dtype must start on whole elements of each other")
+    return torch.tensor([gap // size for gap in gaps], dtype=torch.int64, device=tensors[0].device)
 
 
 class TensorTable:
-    """Flat views of same-dtype tensors and, on their device, a table of their addresses and sizes."""
+    """Flat views of same-dtype tensors and, on their device, a table of their offsets and sizes."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         self.flats = [t.detach().contiguous().reshape(-1) for t in tensors]  # kept alive for the kernels
-        device = self.flats[0].device
+        self.first = self.flats[0]
+        self.device = self.first.device
         self.sizes = [f.numel() for f in self.flats]
-        self.addresses = torch.tensor([f.data_ptr() for f in self.flats], dtype=torch.int64, device=device)
-        self.numels = torch.tensor(self.sizes, dtype=torch.int64, device=device)
+        self.offsets = offsets_from(self.flats)
+        self.numels = torch.tensor(self.sizes, dtype=torch.int64, device=self.device)
         self.blocks = triton.cdiv(max(self.sizes, default=0), BLOCK)  # blocks of the largest tensor
-        self.dtype = TL_DTYPES[self.flats[0].dtype]
-        self.device = device
 
     def grid(self) -> tuple[int, int]:
         return (self.blocks, len(self.flats))
@@ -54,11 +62,11 @@ def score_keys(x, ABSOLUTE: tl.constexpr):
 
 
 @triton.jit
-def load_block(addresses_ptr, numels_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def load_block(first_ptr, offsets_ptr, numels_ptr, BLOCK: tl.constexpr):
     """This program's block of its tensor: (scores as fp32, in-range lanes, tensor, block start)."""
     tensor = tl.program_id(1).to(tl.int64)
     base = tl.program_id(0).to(tl.int64) * BLOCK
-    x_ptr = tl.load(addresses_ptr + tensor).to(tl.pointer_type(DTYPE))
+    x_ptr = first_ptr + tl.load(offsets_ptr + tensor)
     at = tl.arange(0, BLOCK)
     valid = at < tl.maximum(tl.minimum(tl.load(numels_ptr + tensor) - base, BLOCK), 0).to(tl.int32)
     x = tl.load(x_ptr + base + at, mask=valid, other=0.0).to(tl.float32)
@@ -67,15 +75,15 @@ def load_block(addresses_ptr, numels_ptr, DTYPE: tl.constexpr, BLOCK: tl.constex
 
 @triton.jit
 def _histogram_kernel(
-    addresses_ptr,  # int64[tensors]: each tensor's address (same dtype, contiguous)
+    first_ptr,  # the group's first tensor (same dtype, contiguous)
+    offsets_ptr,  # int64[tensors]: where each tensor starts, in elements from the first
     numels_ptr,  # int64[tensors]: each tensor's size
     counts_ptr,  # int64[65537]: 65536 bins, then the count of NaN/inf scores
     high,  # -1: bin the high 16 bits; else bin the low 16 bits of keys whose high half is `high`
-    DTYPE: tl.constexpr,  # the tensors' element type
     ABSOLUTE: tl.constexpr,  # key of |x| instead of x
     BLOCK: tl.constexpr,  # scores per program
 ):
-    x, valid, _tensor, _base = load_block(addresses_ptr, numels_ptr, DTYPE, BLOCK)
+    x, valid, _tensor, _base = load_block(first_ptr, offsets_ptr, numels_ptr, BLOCK)
     bits = x.to(tl.int32, bitcast=True)
     nonfinite = valid & ((bits & 0x7F800000) == 0x7F800000)
     key = score_keys(x, ABSOLUTE)
@@ -99,7 +107,7 @@ def histogram_counts(scores: Sequence[torch.Tensor], absolute: bool, high: int) 
             if not table.blocks:
                 continue
             with device_guard(counts):
-                _histogram_kernel[table.grid()](table.addresses, table.numels, counts, high, DTYPE=table.dtype,
+                _histogram_kernel[table.grid()](table.first, table.offsets, table.numels, counts, high,
                                                 ABSOLUTE=absolute, BLOCK=BLOCK)
     return counts
 

@@ -8,8 +8,6 @@ kernel, then contracted with ``A`` and ``B`` by cuBLAS. No atomics: gradients ar
 from run to run.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

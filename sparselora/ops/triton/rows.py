@@ -10,8 +10,6 @@ below it and the first tied keys in index order. Weights that ``prior`` already 
 count as lower than every score.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

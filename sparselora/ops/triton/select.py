@@ -2,7 +2,7 @@
 bf16 scores, whose keys have nothing in their low half), copied to the host once per pass;
 then one launch writes every mask of the group, holding the scores tied with the cut as 2s,
 and one more settles them, lowest flat index first in group order, touching only the
-blocks that hold ties. Each kernel reads a table of the tensors' addresses, so the launches
+blocks that hold ties. Each kernel reads a table of where the tensors start, so the launches
 do not grow with the number of tensors."""
 
 import struct
@@ -16,7 +16,7 @@ from .. import reference
 from .._dispatch import register
 from .._types import PruneThreshold, masks_under_threshold
 from ._common import TRITON_PRIORITY, device_guard, triton_reason
-from .histogram import BLOCK, MAX_TENSORS, TensorTable, histogram_counts, load_block, score_keys
+from .histogram import BLOCK, MAX_TENSORS, TensorTable, histogram_counts, load_block, offsets_from, score_keys
 
 __all__ = ["prune_threshold", "write_prune_mask", "select_prune_mask"]
 
@@ -25,20 +25,22 @@ _INT_MIN = -(2**31)
 
 @triton.jit
 def _write_mask_kernel(
-    addresses_ptr,  # int64[tensors]: each score tensor's address (same dtype, contiguous)
+    first_ptr,  # the group's first score tensor (same dtype, contiguous)
+    offsets_ptr,  # int64[tensors]: where each score tensor starts, in elements from the first
     numels_ptr,  # int64[tensors]: each tensor's size
-    keep_table_ptr,  # int64[tensors]: each uint8 mask's address; 1 kept, 0 pruned, 2 tied with the cut
+    first_keep_ptr,  # the first uint8 mask: 1 kept, 0 pruned, 2 tied with the cut
+    keep_offsets_ptr,  # int64[tensors]: where each mask starts, in bytes from the first
     ties_ptr,  # int32[tensors, blocks] out: scores equal to the cut in each block
     blocks,  # blocks of the largest tensor (the grid's first dimension)
     cut_flipped,  # the cut's key with its top bit flipped: unsigned order as signed int32
     cut,  # the cut's key, as int32 bits
-    DTYPE: tl.constexpr, ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
+    ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    x, valid, tensor, base = load_block(addresses_ptr, numels_ptr, DTYPE, BLOCK)
+    x, valid, tensor, base = load_block(first_ptr, offsets_ptr, numels_ptr, BLOCK)
     key = score_keys(x, ABSOLUTE)
     below = (key ^ -2147483648) < cut_flipped
     tie = valid & (key == cut)
-    keep_ptr = tl.load(keep_table_ptr + tensor).to(tl.pointer_type(tl.uint8))
+    keep_ptr = first_keep_ptr + tl.load(keep_offsets_ptr + tensor)
     at = tl.arange(0, BLOCK)
     tl.store(keep_ptr + base + at, tl.where(tie, 2, 1 - below.to(tl.uint8)).to(tl.uint8), mask=valid)
     tl.store(ties_ptr + tensor * blocks + tl.program_id(0).to(tl.int64), tl.sum(tie.to(tl.int32), axis=0))
@@ -47,7 +49,8 @@ def _write_mask_kernel(
 @triton.jit
 def _settle_ties_kernel(
     numels_ptr,  # int64[tensors]: each tensor's size
-    keep_table_ptr,  # int64[tensors]: the masks from _write_mask_kernel, settled in place
+    first_keep_ptr,  # the masks from _write_mask_kernel, settled in place: the first one
+    keep_offsets_ptr,  # int64[tensors]: where each mask starts, in bytes from the first
     ties_ptr,  # int32[tensors, blocks]: ties in each block
     ties_before_ptr,  # int64[tensors, blocks]: ties in earlier blocks of the group, tensor by tensor
     blocks,  # blocks of the largest tensor
@@ -61,7 +64,7 @@ def _settle_ties_kernel(
     # blocks without ties touch no memory: their loads and stores are masked off
     size = tl.maximum(tl.minimum(tl.load(numels_ptr + tensor) - base, BLOCK), 0)
     live = at < tl.where(tl.load(ties_ptr + slot) > 0, size, 0).to(tl.int32)
-    keep_ptr = tl.load(keep_table_ptr + tensor).to(tl.pointer_type(tl.uint8))
+    keep_ptr = first_keep_ptr + tl.load(keep_offsets_ptr + tensor)
     tie = tl.load(keep_ptr + base + at, mask=live, other=0) == 2
     rank = tl.load(ties_before_ptr + slot) + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)
     tl.store(keep_ptr + base + at, 1 - (rank < ties_left).to(tl.uint8), mask=live & tie)
@@ -124,14 +127,14 @@ def _write_masks(scores: Sequence[torch.Tensor], threshold: PruneThreshold, ties
     used = 0
     if table.blocks:
         cut = _key_of(threshold.value, absolute)
-        keep_table = torch.tensor([k.data_ptr() for k in keeps], dtype=torch.int64, device=table.device)
+        keep_offsets = offsets_from(keeps)
         ties = torch.zeros(len(keeps), table.blocks, dtype=torch.int32, device=table.device)
         with device_guard(ties):
             # one read of the scores; the ties wait in the masks as 2s, then only their blocks are revisited
-            _write_mask_kernel[table.grid()](table.addresses, table.numels, keep_table, ties, table.blocks,
-                                             cut ^ _INT_MIN, cut, DTYPE=table.dtype, ABSOLUTE=absolute, BLOCK=BLOCK)
+            _write_mask_kernel[table.grid()](table.first, table.offsets, table.numels, keeps[0], keep_offsets, ties,
+                                             table.blocks, cut ^ _INT_MIN, cut, ABSOLUTE=absolute, BLOCK=BLOCK)
             before = torch.cumsum(ties.reshape(-1), 0, dtype=torch.int64) - ties.reshape(-1)
-            _settle_ties_kernel[table.grid()](table.numels, keep_table, ties, before, table.blocks, ties_left,
+            _settle_ties_kernel[table.grid()](table.numels, keeps[0], keep_offsets, ties, before, table.blocks, ties_left,
                                               BLOCK=BLOCK)
         used = min(int(ties.sum()), ties_left)
     return [k.view(torch.bool).reshape(s.shape) for k, s in zip(keeps, scores)], used

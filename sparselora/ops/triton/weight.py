@@ -8,8 +8,6 @@ adapters on a GPU the ``B@A`` slices run on tensor cores (fp32 accumulation); fp
 and the CPU interpreter multiply in fp32.
 """
 
-from __future__ import annotations
-
 import os
 
 import torch
