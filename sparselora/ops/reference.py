@@ -28,6 +28,8 @@ __all__ = [
     "masked_copy",
     "nm_prune_mask",
     "row_prune_mask",
+    "linear_through",
+    "adapter_grads",
 ]
 
 REFERENCE_PRIORITY = 0
@@ -150,7 +152,11 @@ def masked_lora_linear(
     bias: torch.Tensor | None,
     transposed: bool = False,
 ) -> torch.Tensor:
-    w_eff = _effective(weight, lora_A, lora_B, scaling, mask, transposed, x.dtype)
+    return linear_through(x, _effective(weight, lora_A, lora_B, scaling, mask, transposed, x.dtype), bias, transposed)
+
+
+def linear_through(x: torch.Tensor, w_eff: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """``x`` through an effective weight in its stored orientation ((in, out) when ``transposed``)."""
     if transposed:
         y = x @ w_eff
         return y if bias is None else y + bias
@@ -165,9 +171,15 @@ def masked_lora_input_grad(dy, weight, lora_A, lora_B, scaling, mask, transposed
 
 @register("masked_lora_adapter_grad", "reference", priority=REFERENCE_PRIORITY)
 def masked_lora_adapter_grad(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad):
+    return adapter_grads(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad, apply_mask_)
+
+
+def adapter_grads(dy, x, lora_A, lora_B, scaling, mask, transposed: bool, weight_grad: bool, mask_in_place):
+    """(dA, dB, the masked weight gradient or an empty tensor), masking the fresh ``dYᵀX``
+    with ``mask_in_place(g, mask)``: the one formula every backend's GEMMs follow."""
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     g = x2.t() @ dy2 if transposed else dy2.t() @ x2  # the stored weight's gradient, then masked
-    g = g.masked_fill(~as_bool_keep(mask, g.shape), 0)
+    mask_in_place(g, mask)
     g_lin = g.t() if transposed else g
     d_b = (scaling * (g_lin @ lora_A.to(g.dtype).t())).to(lora_B.dtype)
     d_a = (scaling * (lora_B.to(g.dtype).t() @ g_lin)).to(lora_A.dtype)

@@ -9,9 +9,9 @@ from run to run.
 """
 
 import torch
-import torch.nn.functional as F
 
 from .._dispatch import register
+from ..reference import adapter_grads, linear_through
 from ._common import TRITON_PRIORITY, triton_reason
 from .weight import apply_mask_, lora_weight
 
@@ -35,10 +35,7 @@ def _reason(x, weight, lora_A, lora_B, scaling, mask, bias, transposed=False):
 @register("masked_lora_linear", "triton", priority=TRITON_PRIORITY, check=_reason)
 def masked_lora_linear(x, weight, lora_A, lora_B, scaling, mask, bias, transposed=False):
     w_eff = effective_weight(weight, lora_A, lora_B, float(scaling), mask, transposed, x.dtype)
-    if transposed:
-        y = x @ w_eff
-        return y if bias is None else y + bias
-    return F.linear(x, w_eff, bias)
+    return linear_through(x, w_eff, bias, transposed)
 
 
 @register("masked_lora_input_grad", "triton", priority=TRITON_PRIORITY,
@@ -54,10 +51,4 @@ def _adapter_reason(dy, x, a, b, s, mask, transposed, weight_grad):
 
 @register("masked_lora_adapter_grad", "triton", priority=TRITON_PRIORITY, check=_adapter_reason)
 def masked_lora_adapter_grad(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad):
-    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    g = (x2.t() @ dy2) if transposed else (dy2.t() @ x2)  # the stored weight's gradient, fresh and contiguous
-    apply_mask_(g, mask)
-    g_lin = g.t() if transposed else g
-    d_b = (scaling * (g_lin @ lora_A.to(g.dtype).t())).to(lora_B.dtype)
-    d_a = (scaling * (lora_B.to(g.dtype).t() @ g_lin)).to(lora_A.dtype)
-    return d_a, d_b, (g if weight_grad else g.new_empty(0))
+    return adapter_grads(dy, x, lora_A, lora_B, scaling, mask, transposed, weight_grad, apply_mask_)
