@@ -26,6 +26,7 @@ Without a GPU (and without ``--interpret``) it prints "no GPU" and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -48,19 +49,18 @@ def check(ok: bool, what: str) -> None:
     print(f"  ok  {what}", flush=True)
 
 
+@contextlib.contextmanager
 def _forced(backend: str):
-    class _Force:
-        def __enter__(self):
-            self.old = os.environ.get("SPARSELORA_BACKEND")
-            os.environ["SPARSELORA_BACKEND"] = backend
-
-        def __exit__(self, *exc):
-            if self.old is None:
-                os.environ.pop("SPARSELORA_BACKEND", None)
-            else:
-                os.environ["SPARSELORA_BACKEND"] = self.old
-
-    return _Force()
+    """SPARSELORA_BACKEND=backend inside the block."""
+    old = os.environ.get("SPARSELORA_BACKEND")
+    os.environ["SPARSELORA_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPARSELORA_BACKEND", None)
+        else:
+            os.environ["SPARSELORA_BACKEND"] = old
 
 
 def _lora_run(ops, backend, dev, x0, w, a0, b0, mask, dy):

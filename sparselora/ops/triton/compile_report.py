@@ -54,7 +54,7 @@ def cases() -> list[tuple[str, object, dict, dict, bool, int]]:
             const = {"HAS_W": True, "HAS_MASK": True, "NATIVE_DOT": native, "R_BLOCK": r_block,
                      "BLOCK_M": weight.GPU_TILE, "BLOCK_N": weight.GPU_TILE}
             out.append((f"lora_weight {dtype} r_block={r_block}", weight._lora_weight_kernel,
-                        {**sig, **{k: "constexpr" for k in const}}, const, native, weight.WARPS))
+                        {**sig, **{k: "constexpr" for k in const}}, const, native))
     for in_place in (True, False):
         const = {"IN_PLACE": in_place, "BLOCK": weight.MASK_BLOCK}
         out.append((f"mask {'in place' if in_place else 'copy'} bf16", weight._mask_kernel,
@@ -83,7 +83,8 @@ def cases() -> list[tuple[str, object, dict, dict, bool, int]]:
         out.append((f"row top-k fp32{' prior' if prior else ''}", rows._row_kernel,
                     {"x_ptr": "*fp32", "prior_ptr": "*u8", "keep_ptr": "*u8", "bad_ptr": "*i64", "cols": "i64",
                      "k": "i32", **{k: "constexpr" for k in const}}, const, False))
-    return [case if len(case) == 6 else (*case, 4) for case in out]
+    warps = {weight._lora_weight_kernel: weight.WARPS}  # as each kernel is launched; Triton's default is 4
+    return [(*case, warps.get(case[1], 4)) for case in out]
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
