@@ -293,11 +293,11 @@ def prune_checkpoint(
 
             rewrite_checkpoint(source, output, blocks_source.pruned_tensor, progress=progress, desc="write",
                                extra=add_masks)
-        if ranks.world > 1:
-            ranks.dist.barrier()
+        ranks.barrier()
     finally:
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
+    ranks.close()
     summary.update({"output": str(output), "masks": str(output / MASKS_FILE), "dtype": str(compute_dtype),
                     "seconds": time.perf_counter() - start})
     return summary

@@ -464,10 +464,12 @@ def prune_model(
     masks: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
+    ranks = _Ranks(distributed)
     try:
         run_sequential(model, InMemoryBlocks(blocks), prefix, list(calibration_data or []), plan,
-                       lambda _i, block_masks: masks.update(block_masks), ranks=_Ranks(distributed),
+                       lambda _i, block_masks: masks.update(block_masks), ranks=ranks,
                        offload_dir=offload_dir, progress=progress)
     finally:
         model.train(was_training)
+    ranks.close()
     return masks

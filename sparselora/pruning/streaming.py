@@ -48,6 +48,7 @@ class _Ranks:
 
     def __init__(self, distributed: bool) -> None:
         self.distributed = distributed
+        self.owns_group = False  # True when this object started the process group
         if distributed:
             import torch.distributed as dist
 
@@ -59,7 +60,8 @@ class _Ranks:
                 if torch.cuda.is_available():
                     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-                # a group left up at exit can abort the process as its threads are torn down
+                self.owns_group = True
+                # after a failure the group is left to exit time: torn down there, not left up
                 atexit.register(_destroy_group_at_exit)
             self.dist = dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -83,6 +85,13 @@ class _Ranks:
     def barrier(self) -> None:
         if self.distributed:
             self.dist.barrier()
+
+    def close(self) -> None:
+        """After a successful run: tear down the process group this object started, every
+        rank together (a group's threads outliving the other ranks can abort at exit)."""
+        if self.owns_group and self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
 
     def assign(self, targets: list[Target], numel: Callable[[str], int]) -> list[Target]:
         """This rank's targets."""
@@ -327,6 +336,7 @@ def compute_checkpoint_masks(
             if created and ranks.rank == 0:
                 shutil.rmtree(output, ignore_errors=True)
             raise
+    ranks.close()
     total = sum(summary["numel"].values())
     pruned = sum(summary["pruned"].values())
     summary.update(output=str(output), total=total, total_pruned=pruned, sparsity=pruned / total if total else 0.0,
