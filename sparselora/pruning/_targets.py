@@ -11,6 +11,8 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..rules import check_sparsity
+
 __all__ = [
     "Target",
     "SparsitySpec",
@@ -20,7 +22,6 @@ __all__ = [
     "is_default_target",
     "filter_targets",
     "resolve_sparsity",
-    "check_sparsity",
     "normalise_mask_keys",
     "is_peft_model",
     "is_hf_conv1d",
@@ -177,16 +178,6 @@ def filter_targets(
                 raise ValueError(f"{arg} pattern {p!r} matches no prunable weight")
     kept = [t for t in targets if (not inc or any(_matches(t, p) for p in inc))]
     return [t for t in kept if not any(_matches(t, p) for p in exc)]
-
-
-def check_sparsity(value: object, arg: str = "sparsity") -> float:
-    """Return ``value`` as a float in [0, 1] or raise a ValueError naming ``arg``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{arg}={value!r} must be a float in [0, 1]")
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{arg}={value!r} must be a float in [0, 1]")
-    return value
 
 
 def resolve_sparsity(spec: SparsitySpec, targets: list[Target]) -> dict[str, float]:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._targets import check_sparsity
+from ..rules import check_sparsity
 
 __all__ = ["SparseLoRAConfig", "SPARSITY_MODES"]
 

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..utils.progress import bar_disabled
-from ._targets import Target, check_sparsity, filter_targets, is_hf_conv1d, model_targets
+from ..rules import check_sparsity
+from ._targets import Target, filter_targets, is_hf_conv1d, model_targets
 from .importance import _run_batch
 from .owl import OWL_LAMBDA, OWL_THRESHOLD, outlier_ratio, owl_sparsities
 from .sparsegpt import GramAccumulator, sparsegpt_prune_

@@ -357,7 +357,7 @@ def compute_sharded_masks(
     """
     import torch.distributed as dist
 
-    from ._targets import check_sparsity
+    from ..rules import check_sparsity
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("compute_sharded_masks needs an initialised torch.distributed process group")
