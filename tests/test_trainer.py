@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_llama
-from sparselora.ops._bits import unpack_bits
+from sparselora.ops.masks import unpack_bits
 from sparselora.pruning.lora_layer import SparseLoRALinear
 from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
 from sparselora.pruning.sparse_lora import (

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
 from sparselora import ops
 from sparselora.ops import _dispatch, cpp, library
-from sparselora.ops._bits import pack_bits
+from sparselora.ops.masks import pack_bits
 from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
 from sparselora.pruning.mask_ops import apply_masks_to_model
 from sparselora.pruning.sparse_lora import (

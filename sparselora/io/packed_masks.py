@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Union
 import numpy as np
 import torch
 
-from ..ops._bits import pack_bits, unpack_bits
+from ..ops.masks import pack_bits, unpack_bits
 from .atomic import atomic_write_bytes
 from .paths import contained
 from .safetensors import SafetensorsReader, SafetensorsWriter

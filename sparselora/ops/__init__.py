@@ -20,7 +20,7 @@ import torch
 
 from . import cpp, library, reference  # noqa: F401  - importing registers the backends and custom ops
 from . import triton as _triton_backend  # noqa: F401
-from ._bits import check_keep_mask
+from .masks import check_keep_mask
 from ._dispatch import BackendUnavailableError, last_backend, registered_backends, resolve
 from ._types import PruneThreshold
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
-from ._bits import as_bool_keep
+from .masks import as_bool_keep
 from ._types import PruneThreshold, masks_under_threshold
 
 __all__ = [

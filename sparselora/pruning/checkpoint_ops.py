@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..utils.progress import bar_disabled
+from ..progress import bar_disabled
 from ..io.atomic import atomic_write_bytes, staging_dir, swap_directory
 from ..io.paths import check_apart
 from ..io.safetensors import SafetensorsReader, SafetensorsWriter

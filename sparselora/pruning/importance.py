@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..utils.progress import bar_disabled
+from ..progress import bar_disabled
 from ._targets import is_hf_conv1d, model_targets
 
 __all__ = [

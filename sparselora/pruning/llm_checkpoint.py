@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..distributed import Ranks
 from ..io.atomic import check_replaceable
 from ..io.checkpoints import Checkpoint
 from ..io.packed_masks import PackedMaskWriter
@@ -247,8 +248,6 @@ def prune_checkpoint(
 
     Returns a summary: output folder, masks file, per-block sparsities, seconds.
     """
-    from .streaming import _Ranks
-
     start = time.perf_counter()
     folder = Path(checkpoint)
     if not folder.is_dir():
@@ -265,7 +264,7 @@ def prune_checkpoint(
     check_replaceable(output, "output_dir")
     plan = make_plan(method, sparsity, nm=nm, owl=owl, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
                      scope=scope, block_size=block_size, damp=damp, include=include, exclude=exclude)
-    ranks = _Ranks(distributed)
+    ranks = Ranks(distributed)
     batches = _calibration(folder, plan, calibration_data, tokenizer, calibration_text, samples, seq_len)
     compute_dtype = dtype or _stored_dtype(source)
     model = meta_model(folder, compute_dtype)

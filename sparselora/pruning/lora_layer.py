@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops._bits import check_keep_mask, pack_bits, unpack_bits
+from ..ops.masks import check_keep_mask, pack_bits, unpack_bits
 from ._targets import is_hf_conv1d as is_conv1d
 from .lora_config import SparseLoRAConfig
 

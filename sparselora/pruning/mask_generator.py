@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..utils.progress import bar_disabled
+from ..progress import bar_disabled
 from . import importance as imp
 from ._targets import (
     SparsitySpec,

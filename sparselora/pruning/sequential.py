@@ -32,7 +32,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..utils.progress import bar_disabled
+from ..distributed import Ranks
+from ..progress import bar_disabled
 from ..rules import check_sparsity
 from ._targets import Target, filter_targets, is_hf_conv1d, model_targets
 from .importance import _run_batch
@@ -331,9 +332,7 @@ def run_sequential(
     each block's keep-masks as soon as it is pruned. Returns a summary (per-block
     sparsities, OWL ratios).
     """
-    from .streaming import _Ranks
-
-    ranks = ranks or _Ranks(False)
+    ranks = ranks or Ranks(False)
     batches = list(batches)
     if plan.needs_data and not batches:
         raise ValueError("calibration_data is empty; give at least one batch")
@@ -459,13 +458,11 @@ def prune_model(
                      scope=scope, block_size=block_size, damp=damp, include=include, exclude=exclude)
     if plan.needs_data and calibration_data is None:
         raise ValueError(f"method={method!r}{' with owl=True' if owl else ''} needs calibration_data (batches of inputs)")
-    from .streaming import _Ranks
-
     prefix, blocks = find_decoder_blocks(model)
     masks: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
-    ranks = _Ranks(distributed)
+    ranks = Ranks(distributed)
     try:
         run_sequential(model, InMemoryBlocks(blocks), prefix, list(calibration_data or []), plan,
                        lambda _i, block_masks: masks.update(block_masks), ranks=ranks,

@@ -11,7 +11,6 @@ single-process ones bit for bit.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import time
@@ -22,11 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..utils.progress import bar_disabled
+from ..progress import bar_disabled
 from ..io.atomic import staging_dir, swap_directory
 from ..io.checkpoints import Checkpoint, StateDictSource, open_source
 from ..io.packed_masks import PackedMaskWriter, count_kept, write_mask_index
 from ..io.paths import check_apart
+from ..distributed import Ranks, owners
 from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity, warn_overpruned
 
 __all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES"]
@@ -34,80 +34,6 @@ __all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", 
 SCOPES = ("global", "layer")
 PathLike = Union[str, os.PathLike]
 Globs = Union[str, Sequence[str], None]
-
-
-def _destroy_group_at_exit() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-class _Ranks:
-    """This process's place among the ranks; one rank when not distributed."""
-
-    def __init__(self, distributed: bool) -> None:
-        self.distributed = distributed
-        self.owns_group = False  # True when this object started the process group
-        if distributed:
-            import torch.distributed as dist
-
-            if not dist.is_available():
-                raise RuntimeError("torch.distributed is not available in this torch build")
-            if not dist.is_initialized():
-                if "RANK" not in os.environ:
-                    raise RuntimeError("distributed=True needs torchrun (RANK/WORLD_SIZE unset) or an initialised process group")
-                if torch.cuda.is_available():
-                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-                dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-                self.owns_group = True
-                # after a failure the group is left to exit time: torn down there, not left up
-                atexit.register(_destroy_group_at_exit)
-            self.dist = dist
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            # NCCL reduces CUDA tensors only; the sums here are small host tensors
-            self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        else:
-            self.rank, self.world = 0, 1
-            self.device = None
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the ranks, in place (through the GPU when the group is NCCL's)."""
-        if self.distributed:
-            if self.device is not None and tensor.device != self.device:
-                staged = tensor.to(self.device)
-                self.dist.all_reduce(staged, op=self.dist.ReduceOp.SUM)
-                tensor.copy_(staged)
-            else:
-                self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.distributed:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        """After a successful run: tear down the process group this object started, every
-        rank together (a group's threads outliving the other ranks can abort at exit)."""
-        if self.owns_group and self.dist.is_initialized():
-            self.dist.barrier()
-            self.dist.destroy_process_group()
-
-    def assign(self, targets: list[Target], numel: Callable[[str], int]) -> list[Target]:
-        """This rank's targets."""
-        owners = _owners(targets, numel, self.world)
-        return [t for t, owner in zip(targets, owners) if owner == self.rank]
-
-
-def _owners(targets: list[Target], numel: Callable[[str], int], world: int) -> list[int]:
-    """Rank of each target: greedy by size in checkpoint order, the same on every rank."""
-    load = [0] * world
-    owners = []
-    for t in targets:
-        owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += numel(t.name)
-        owners.append(owner)
-    return owners
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -137,7 +63,7 @@ def stream_masks(
     include: Globs = None,
     exclude: Globs = None,
     progress: bool | None = None,
-    ranks: _Ranks | None = None,
+    ranks: Ranks | None = None,
     targets: list[Target] | None = None,
 ) -> dict[str, Any]:
     """Magnitude masks of ``source``'s targets, handed to ``write(name, mask)`` one by one
@@ -147,7 +73,7 @@ def stream_masks(
     """
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} is unknown; accepted: {', '.join(SCOPES)}")
-    ranks = ranks or _Ranks(False)
+    ranks = ranks or Ranks(False)
     if targets is None:
         targets = filter_targets(described_targets(source.names, source.shape, source.dtype), include, exclude)
     if not targets:
@@ -222,7 +148,7 @@ def stream_masks(
     }
 
 
-def _tie_quota(read, targets, mine, threshold, ranks: _Ranks, bar) -> dict[str, int] | None:
+def _tie_quota(read, targets, mine, threshold, ranks: Ranks, bar) -> dict[str, int] | None:
     """How many scores equal to the cut each target prunes: the group's ties go to the
     earliest targets in checkpoint order. None for one process, which walks every target
     in order and hands the remaining ties along."""
@@ -289,7 +215,7 @@ def compute_checkpoint_masks(
     if output.exists() and single_file == output.is_dir():
         kind = "a directory" if output.is_dir() else "a file"
         raise ValueError(f"output {str(output)!r} is {kind}; it is not replaced by a {'file' if single_file else 'directory'}")
-    ranks = _Ranks(distributed)
+    ranks = Ranks(distributed)
     targets = filter_targets(described_targets(source.names, source.shape, source.dtype), include, exclude)
     if not targets:
         raise ValueError("the checkpoint has no prunable weights (floating *weight tensors with >= 2 dims)")
@@ -328,8 +254,8 @@ def compute_checkpoint_masks(
                                    progress, ranks, targets)
             ranks.barrier()
             if ranks.rank == 0:
-                owners = _owners(targets, lambda n: _numel(source.shape(n)), ranks.world)
-                weight_map = {t.name: _shard_name(r, ranks.world) for t, r in zip(targets, owners)}
+                owner_ranks = owners(targets, lambda n: _numel(source.shape(n)), ranks.world)
+                weight_map = {t.name: _shard_name(r, ranks.world) for t, r in zip(targets, owner_ranks)}
                 write_mask_index(output, weight_map, meta)
             ranks.barrier()
         except BaseException:

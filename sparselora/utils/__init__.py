@@ -1,3 +1,3 @@
-"""Utilities: atomic file writes and the Cerebras ModelZoo backend."""
+"""The seed's import path of the Cerebras callback (:mod:`sparselora.utils.cerebras_sparse_callback`)."""
 
 __all__: list[str] = []

@@ -74,7 +74,7 @@ def keep_bytes(mask: torch.Tensor, shape) -> torch.Tensor:
     Anything else is an error: a float mask would be read as bytes and silently mean
     something else.
     """
-    from .._bits import as_bool_keep, check_keep_mask
+    from ..masks import as_bool_keep, check_keep_mask
 
     check_keep_mask(mask, tuple(shape))
     return as_bool_keep(mask, tuple(shape)).contiguous().view(torch.uint8)
