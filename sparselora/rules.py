@@ -102,16 +102,19 @@ def check_dropout(value: object, arg: str = "dropout") -> float:
     return check_number(value, arg, low=0.0, high=1.0, high_open=True, wanted="a float in [0, 1)")
 
 
-def check_nm(n: object, m: object, arg: str = "nm") -> tuple[int, int]:
+def check_nm(n: object, m: object, arg: str | None = None) -> tuple[int, int]:
     """``(n, m)`` of an N:M pattern: ``n`` kept in every ``m``, ints with ``0 < n < m``.
 
-    ``n == m`` keeps everything and ``n == 0`` nothing; neither is an N:M sparsity pattern
-    (use ``sparsity=0`` or ``1`` for those), so both are refused.
+    ``arg`` names a pair argument (``nm=(n, m)``); None when ``n`` and ``m`` are arguments of
+    their own. ``n == m`` keeps everything and ``n == 0`` nothing; neither is an N:M pattern
+    (``sparsity=0`` or ``1`` says those), so both are refused.
     """
+    shown = f"n={n!r}, m={m!r}" if arg is None else f"{arg}=({n!r}, {m!r})"
+    message = f"{shown} must be ints with 0 < n < m, e.g. 2:4"
     if not (is_int(n) and is_int(m)):
-        raise TypeError(f"{arg}=({n!r}, {m!r}) must be (n, m) ints with 0 < n < m, e.g. (2, 4)")
+        raise TypeError(message)
     if not 0 < n < m:
-        raise ValueError(f"{arg}=({n!r}, {m!r}) must be (n, m) ints with 0 < n < m, e.g. (2, 4)")
+        raise ValueError(message)
     return n, m
 
 

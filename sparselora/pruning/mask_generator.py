@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..rules import check_bool, check_choice, check_int, check_nm, check_number, check_positive_int, is_int
 from ..progress import bar_disabled
 from . import importance as imp
 from ._targets import (
@@ -57,12 +58,6 @@ Metric = Union[str, Callable[[nn.Module, str], torch.Tensor]]
 Globs = Union[str, Sequence[str], None]
 
 
-def _check_choice(value: object, arg: str, accepted: Sequence[str]) -> str:
-    if value not in accepted:
-        raise ValueError(f"{arg}={value!r} is unknown; accepted: {', '.join(accepted)}")
-    return value  # type: ignore[return-value]
-
-
 def _channel_scores(score: torch.Tensor, out_dim: int, norm: str) -> torch.Tensor:
     rows = score.detach().movedim(out_dim, 0).reshape(score.shape[out_dim], -1).float()
     p = 1 if norm == "l1" else 2
@@ -77,11 +72,10 @@ def _expand_channels(channel_mask: torch.Tensor, shape: torch.Size, out_dim: int
 
 def _resolve_scope(scope: str | None, global_pruning: bool) -> str:
     """``scope`` if given (it must agree with ``global_pruning``), else what the flag says."""
-    if not isinstance(global_pruning, bool):
-        raise TypeError(f"global_pruning={global_pruning!r} must be True or False")
+    check_bool(global_pruning, "global_pruning")
     if scope is None:
         return "global" if global_pruning else "layer"
-    _check_choice(scope, "scope", SCOPES)
+    check_choice(scope, "scope", SCOPES)
     if global_pruning and scope != "global":
         raise ValueError(f"global_pruning=True contradicts scope={scope!r}; give only scope=")
     return scope
@@ -253,10 +247,8 @@ def masks_from_scores(
 
 
 def _random_scores(targets: Sequence[Target], seed: int) -> dict[str, torch.Tensor]:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed={seed!r} must be an int")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed={seed!r} is out of range; accepted: integers in [-2**63, 2**64)")
+    # the range torch.Generator.manual_seed accepts
+    check_int(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
     gen = torch.Generator().manual_seed(seed)
     # drawn on the CPU in model order, so a seed gives the same mask on every device
     return {t.name: torch.rand(t.weight.shape, generator=gen).to(t.weight.device) for t in targets}
@@ -312,11 +304,11 @@ class MaskGenerator:
         progress: bool | None = None,
     ) -> None:
         self.model = model
-        self.method = _check_choice(method, "method", METHODS)
+        self.method = check_choice(method, "method", METHODS)
         if not callable(importance_metric):
-            _check_choice(importance_metric, "importance_metric", METRICS)
+            check_choice(importance_metric, "importance_metric", METRICS)
         self.importance_metric = importance_metric
-        self.structured_norm = _check_choice(structured_norm, "structured_norm", STRUCTURED_NORMS)
+        self.structured_norm = check_choice(structured_norm, "structured_norm", STRUCTURED_NORMS)
         self.scope = _resolve_scope(scope, global_pruning)
         if self.scope == "row" and self.method == "structured":
             raise ValueError("scope='row' works with method='unstructured' or 'random'; structured masks "
@@ -420,8 +412,7 @@ def compute_nm_mask(
 
     Ties go lowest index first. Check a mask with
     :func:`~sparselora.pruning.mask_ops.validate_nm_mask`."""
-    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-        raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 < n <= m (2:4 and 4:8 are common)")
+    n, m = check_nm(n, m)
     generator = MaskGenerator(model, 0.0, "unstructured", importance_metric, **kwargs)
     scores = generator._scores()
     masks = {}
@@ -462,8 +453,8 @@ def compute_masks_for_state_dict(
     them as embeddings, norms or the LM head. Only data-free metrics apply here
     (``"magnitude"``; ``method="random"``).
     """
-    _check_choice(method, "method", METHODS)
-    _check_choice(importance_metric, "importance_metric", ("magnitude",))
+    check_choice(method, "method", METHODS)
+    check_choice(importance_metric, "importance_metric", ("magnitude",))
     targets = filter_targets(state_dict_targets(state_dict), include, exclude)
     if not targets:
         raise ValueError("state_dict has no prunable weights (floating *weight tensors with >= 2 dims)")
@@ -484,7 +475,7 @@ def compute_masks_for_state_dict(
         scores,
         global_pruning=global_pruning,
         structured=method == "structured",
-        structured_norm=_check_choice(structured_norm, "structured_norm", STRUCTURED_NORMS),
+        structured_norm=check_choice(structured_norm, "structured_norm", STRUCTURED_NORMS),
         progress=progress,
     )
 
@@ -509,18 +500,16 @@ def sparsity_schedule(
     """
     final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
     initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < float("inf"):
-        raise ValueError(f"power={power!r} must be a finite number > 0 (3 is Zhu & Gupta's cubic)")
+    check_number(power, "power", low=0.0, low_open=True)
     if (num_steps is None) == (steps is None):
         raise ValueError("give exactly one of num_steps= (an int >= 1) and steps= (a list of training steps)")
     if num_steps is not None:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r} must be an int >= 1")
+        check_positive_int(num_steps, "num_steps")
         points = list(range(num_steps))
     else:
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps:
             raise ValueError(f"steps={steps!r} must be a non-empty list of ints")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in steps):
+        if not all(is_int(t) for t in steps):
             raise ValueError(f"steps={list(steps)!r} must hold ints (training step numbers)")
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ValueError(f"steps={list(steps)!r} must be strictly increasing")
@@ -560,8 +549,7 @@ def prune_gradually(
         raise TypeError(f"schedule must be a list of sparsities (see sparsity_schedule), got {schedule!r}")
     if not schedule:
         raise ValueError("schedule is empty; give at least one sparsity (see sparsity_schedule)")
-    if not isinstance(allow_regrowth, bool):
-        raise TypeError(f"allow_regrowth={allow_regrowth!r} must be True or False")
+    check_bool(allow_regrowth, "allow_regrowth")
     if not allow_regrowth:
         for i in range(1, len(schedule)):
             before, after = schedule[i - 1], schedule[i]

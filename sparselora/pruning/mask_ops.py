@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..rules import check_nm, check_number, check_positive_int, check_sparsity
 from ..io.atomic import atomic_open
 from ..io.mask_files import MASK_FORMATS, METADATA_KEY, metadata_json, read_mask_file, resolve_format, write_mask_file
 from ._targets import normalise_mask_keys
@@ -72,12 +73,8 @@ def validate_mask(
     if not isinstance(mask, (torch.Tensor, np.ndarray)):
         raise TypeError(f"mask is {type(mask).__name__}; expected a torch.Tensor")
     if expected_sparsity is not None:
-        if isinstance(expected_sparsity, bool) or not isinstance(expected_sparsity, (int, float)) or not (
-            0.0 <= expected_sparsity <= 1.0
-        ):
-            raise ValueError(f"expected_sparsity={expected_sparsity!r} must be a float in [0, 1] or None")
-    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"tolerance={tolerance!r} must be a number >= 0")
+        check_sparsity(expected_sparsity, "expected_sparsity")
+    check_number(tolerance, "tolerance", low=0.0)
     tensor = torch.as_tensor(mask)
     stats: dict[str, Any] = {"dtype": str(tensor.dtype), "shape": tuple(tensor.shape), "error": None}
     try:
@@ -118,8 +115,7 @@ def validate_nm_mask(
     ``Conv1D``), one int for all masks or a mapping from name to int (missing names: 0).
     The error names the layer, the row, the group's columns and how many it keeps.
     """
-    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-        raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 < n <= m (2:4 and 4:8 are common)")
+    check_nm(n, m)
     if isinstance(masks, (torch.Tensor, np.ndarray)):
         named: Mapping[str, Any] = {"mask": masks}
     elif isinstance(masks, Mapping) and masks:
@@ -246,8 +242,7 @@ def plot_sparsity_histogram(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins={bins!r} must be an int >= 1")
+    check_positive_int(bins, "bins")
     stats = compute_sparsity_stats(masks)
     values = [s["sparsity"] for s in stats["per_layer"].values()]
     fig = Figure(figsize=(7, 4), dpi=100)
