@@ -13,6 +13,9 @@ from typing import Mapping, Union
 
 import torch
 
+from ..pruning.mask_ops import load_mask
+from .names import match_parameter
+
 __all__ = ["SparseMaskCallback", "ModelZooCallback", "MODELZOO_AVAILABLE"]
 
 log = logging.getLogger("sparselora.cerebras")
@@ -91,16 +94,12 @@ class SparseMaskCallback(ModelZooCallback):
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._masks is None:
-            from ..pruning.mask_ops import load_mask
-
             masks, _ = load_mask(self.mask_path)
             self._masks = {self.name_map.get(n, n): m for n, m in masks.items()}
         return self._masks
 
     def bind(self, model: torch.nn.Module) -> None:
         """Match masks to ``model``'s parameters and zero the pruned weights."""
-        from .names import match_parameter
-
         masks = self._load()
         params = dict(model.named_parameters())
         found = {n: match_parameter(n, params) or match_parameter(f"{n}.weight", params) for n in masks}
@@ -159,8 +158,6 @@ class SparseMaskCallback(ModelZooCallback):
         model_state = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else None
         if not isinstance(model_state, dict):
             return
-        from .names import match_parameter
-
         keys = [k for k, v in model_state.items() if isinstance(v, torch.Tensor)]
         if self._keep_by_name:  # bound at train start: the masks the step used
             pairs = [(match_parameter(name, keys), keep) for name, keep in self._keep_by_name.items()]

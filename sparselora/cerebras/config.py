@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence, Union
 import yaml
 
 from ..io.atomic import atomic_write_bytes
+from ..pruning.mask_ops import compute_sparsity_stats, load_mask
 from .names import HF_PROJECTION_CLASSES, attention_class, name_map as hf_name_map
 from .schema import check_trainer_config
 
@@ -109,8 +110,6 @@ def _escape_glob(name: str) -> str:
 
 
 def _sparsity_groups(mask_path: PathLike, name_map: Mapping[str, str] | None) -> list[dict[str, Any]]:
-    from ..pruning.mask_ops import compute_sparsity_stats, load_mask
-
     masks, _ = load_mask(mask_path)
     stats = compute_sparsity_stats(masks)["per_layer"]
     groups: dict[float, list[str]] = {}
@@ -134,8 +133,6 @@ def _model_names(phases: list) -> set[str]:
 
 def _auto_name_map(mask_path: Path, phases: list) -> dict[str, str] | None:
     """HF → ModelZoo names when the masks carry Hugging Face llama names and the model is llama."""
-    from ..pruning.mask_ops import load_mask
-
     if "llama" not in _model_names(phases):
         return None
     names = list(load_mask(mask_path)[0])
