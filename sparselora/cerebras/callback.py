@@ -14,6 +14,7 @@ from typing import Mapping, Union
 import torch
 
 from ..pruning.mask_ops import load_mask
+from ..rules import check_bool
 from .names import match_parameter
 
 __all__ = ["SparseMaskCallback", "ModelZooCallback", "MODELZOO_AVAILABLE"]
@@ -75,16 +76,15 @@ class SparseMaskCallback(ModelZooCallback):
                  strict: bool = True, from_zeros: bool = False) -> None:
         if not isinstance(mask_path, (str, os.PathLike)):
             raise TypeError(f"mask_path must be a path, got {type(mask_path).__name__}")
-        if not isinstance(apply_every_step, bool):
-            raise TypeError(f"apply_every_step={apply_every_step!r} must be True or False")
+        check_bool(apply_every_step, "apply_every_step")
+        check_bool(strict, "strict")
+        check_bool(from_zeros, "from_zeros")
         if name_map is not None and not isinstance(name_map, Mapping):
             raise TypeError(f"name_map must be a dict of mask name -> parameter name, got {type(name_map).__name__}")
         self.mask_path = str(mask_path)
         self.apply_every_step = apply_every_step
         self.name_map = dict(name_map or {})
         self.strict = strict
-        if not isinstance(from_zeros, bool):
-            raise TypeError(f"from_zeros={from_zeros!r} must be True or False")
         self.from_zeros = from_zeros
         self._keep_by_name: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] | None = None

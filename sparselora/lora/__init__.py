@@ -1,12 +1,12 @@
 """Sparse LoRA: LoRA fine-tuning that keeps a pruned model sparse.
 
-``config`` holds the settings, ``layer`` the adapter layer,
+``config`` holds the settings and the LoRA argument rule, ``layer`` the adapter layer,
 ``model`` what acts on a whole model (apply, merge, validate, broadcast masks, count
 parameters) and ``peft`` the conversion to and from PEFT LoRA adapters. This package sits
 above the pruning core (it takes masks from it) and below ``sparselora.cerebras``.
 """
 
-from .config import SPARSITY_MODES, SparseLoRAConfig
+from .config import SPARSITY_MODES, SparseLoRAConfig, check_lora_args
 from .layer import SparseLoRALinear
 from .model import (
     apply_sparse_lora,
@@ -33,5 +33,6 @@ __all__ = [
     "print_trainable_parameters",
     "export_peft_adapter",
     "from_peft_adapter",
+    "check_lora_args",
     "SPARSITY_MODES",
 ]
