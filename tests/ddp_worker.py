@@ -20,15 +20,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest
 from conftest import tiny_llama  # noqa: E402
 
-from sparselora.pruning.lora_layer import SparseLoRALinear  # noqa: E402
-from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask  # noqa: E402
-from sparselora.pruning.sparse_lora import (  # noqa: E402
+from sparselora.lora import (  # noqa: E402
     SparseLoRAConfig,
+    SparseLoRALinear,
     apply_sparse_lora,
     broadcast_masks,
     merge_all_lora_weights,
     validate_sparsity_preserved,
 )
+from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask  # noqa: E402
 
 STEPS, BATCH, SEQ, VOCAB = 5, 4, 16, 64
 

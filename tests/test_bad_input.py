@@ -14,6 +14,12 @@ import torch
 import torch.nn as nn
 
 import sparselora.ops as ops
+from sparselora.lora import (
+    SparseLoRAConfig,
+    SparseLoRALinear,
+    apply_sparse_lora,
+    validate_sparsity_preserved,
+)
 from sparselora.pruning.importance import compute_layer_importance, taylor_importance
 from sparselora.pruning.mask_generator import (
     MaskGenerator,
@@ -21,12 +27,6 @@ from sparselora.pruning.mask_generator import (
     compute_unstructured_mask,
 )
 from sparselora.pruning.mask_ops import apply_masks_to_model, load_mask, save_mask, validate_mask
-from sparselora.pruning.sparse_lora import (
-    SparseLoRAConfig,
-    SparseLoRALinear,
-    apply_sparse_lora,
-    validate_sparsity_preserved,
-)
 
 
 def small_model(seed: int = 0) -> nn.Sequential:

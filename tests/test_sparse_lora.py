@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_bert, tiny_llama
-from sparselora.pruning.mask_generator import compute_unstructured_mask
-from sparselora.pruning.sparse_lora import (
+from sparselora.lora import (
     SparseLoRAConfig,
     SparseLoRALinear,
     apply_sparse_lora,
     merge_all_lora_weights,
     validate_sparsity_preserved,
 )
+from sparselora.pruning.mask_generator import compute_unstructured_mask
 
 MODES = ["sparse_to_dense", "sparse_to_sparse"]
 
@@ -209,3 +209,15 @@ def test_config_defaults_follow_the_seed():
     assert config.scaling == 2.0
     assert SparseLoRAConfig(sparsity_mode="sparse_to_sparse").maintain_sparsity is True
     assert SparseLoRAConfig(sparsity_mode="sparse_to_dense").maintain_sparsity is False
+
+
+def test_seed_path_and_pruning_api_hand_on_the_lora_package():
+    import sparselora.lora as lora
+    import sparselora.pruning as pruning
+    import sparselora.pruning.sparse_lora as seed
+
+    assert set(seed.__all__) <= set(lora.__all__)
+    for name in seed.__all__:
+        assert getattr(seed, name) is getattr(lora, name), name
+    for name in set(pruning.__all__) & set(lora.__all__):
+        assert getattr(pruning, name) is getattr(lora, name), name

@@ -16,15 +16,15 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_llama
-from sparselora.ops.masks import unpack_bits
-from sparselora.pruning.lora_layer import SparseLoRALinear
-from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
-from sparselora.pruning.sparse_lora import (
+from sparselora.lora import (
     SparseLoRAConfig,
+    SparseLoRALinear,
     apply_sparse_lora,
     merge_all_lora_weights,
     validate_sparsity_preserved,
 )
+from sparselora.ops.masks import unpack_bits
+from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
 
 import transformers  # noqa: E402  (the dev extra installs it)
 

@@ -18,11 +18,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_gpt2, tiny_llama
 from sparselora import ops
-from sparselora.ops import _dispatch, cpp, library
-from sparselora.ops.masks import pack_bits
-from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
-from sparselora.pruning.mask_ops import apply_masks_to_model
-from sparselora.pruning.sparse_lora import (
+from sparselora.lora import (
     SparseLoRAConfig,
     SparseLoRALinear,
     apply_sparse_lora,
@@ -34,6 +30,10 @@ from sparselora.pruning.sparse_lora import (
     trainable_parameters,
     validate_sparsity_preserved,
 )
+from sparselora.ops import _dispatch, cpp, library
+from sparselora.ops.masks import pack_bits
+from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
+from sparselora.pruning.mask_ops import apply_masks_to_model
 
 MODES = ["sparse_to_dense", "sparse_to_sparse"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]

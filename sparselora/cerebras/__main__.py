@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from . import callback, sparse_lora_callback  # noqa: F401,E501 - registers SparseMaskCallback, SparseLora as ModelZoo Callbacks
+from .merge import main as merge_main
 
 _ENTRY_POINTS = ("cerebras.modelzoo.cli.main", "cerebras.modelzoo.cli.cszoo")
 
@@ -34,8 +35,6 @@ Needs Cerebras ModelZoo 2.10 (cerebras-pytorch 2.10, torch 2.4.0)."""
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
-        from .merge import main as merge_main
-
         return merge_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

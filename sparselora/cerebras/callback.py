@@ -13,6 +13,10 @@ from typing import Mapping, Union
 
 import torch
 
+from ..pruning.mask_ops import load_mask
+from ..rules import check_bool
+from .names import match_parameter
+
 __all__ = ["SparseMaskCallback", "ModelZooCallback", "MODELZOO_AVAILABLE"]
 
 log = logging.getLogger("sparselora.cerebras")
@@ -72,16 +76,15 @@ class SparseMaskCallback(ModelZooCallback):
                  strict: bool = True, from_zeros: bool = False) -> None:
         if not isinstance(mask_path, (str, os.PathLike)):
             raise TypeError(f"mask_path must be a path, got {type(mask_path).__name__}")
-        if not isinstance(apply_every_step, bool):
-            raise TypeError(f"apply_every_step={apply_every_step!r} must be True or False")
+        check_bool(apply_every_step, "apply_every_step")
+        check_bool(strict, "strict")
+        check_bool(from_zeros, "from_zeros")
         if name_map is not None and not isinstance(name_map, Mapping):
             raise TypeError(f"name_map must be a dict of mask name -> parameter name, got {type(name_map).__name__}")
         self.mask_path = str(mask_path)
         self.apply_every_step = apply_every_step
         self.name_map = dict(name_map or {})
         self.strict = strict
-        if not isinstance(from_zeros, bool):
-            raise TypeError(f"from_zeros={from_zeros!r} must be True or False")
         self.from_zeros = from_zeros
         self._keep_by_name: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] | None = None
@@ -91,16 +94,12 @@ class SparseMaskCallback(ModelZooCallback):
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._masks is None:
-            from ..pruning.mask_ops import load_mask
-
             masks, _ = load_mask(self.mask_path)
             self._masks = {self.name_map.get(n, n): m for n, m in masks.items()}
         return self._masks
 
     def bind(self, model: torch.nn.Module) -> None:
         """Match masks to ``model``'s parameters and zero the pruned weights."""
-        from .names import match_parameter
-
         masks = self._load()
         params = dict(model.named_parameters())
         found = {n: match_parameter(n, params) or match_parameter(f"{n}.weight", params) for n in masks}
@@ -159,8 +158,6 @@ class SparseMaskCallback(ModelZooCallback):
         model_state = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else None
         if not isinstance(model_state, dict):
             return
-        from .names import match_parameter
-
         keys = [k for k, v in model_state.items() if isinstance(v, torch.Tensor)]
         if self._keep_by_name:  # bound at train start: the masks the step used
             pairs = [(match_parameter(name, keys), keep) for name, keep in self._keep_by_name.items()]

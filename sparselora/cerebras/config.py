@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from pathlib import Path
@@ -12,13 +11,15 @@ from typing import Any, Mapping, Sequence, Union
 import yaml
 
 from ..io.atomic import atomic_write_bytes
+from ..lora.config import SPARSITY_MODES, check_lora_args
+from ..pruning.mask_ops import compute_sparsity_stats, load_mask
+from ..rules import check_bool, check_choice
 from .names import HF_PROJECTION_CLASSES, attention_class, name_map as hf_name_map
 from .schema import check_trainer_config
 
 __all__ = ["create_sparse_config", "save_config", "load_config"]
 
 PathLike = Union[str, os.PathLike]
-_MODES = ("sparse_to_dense", "sparse_to_sparse")
 
 
 def load_config(config: Union[Mapping[str, Any], PathLike]) -> dict[str, Any]:
@@ -85,19 +86,13 @@ def _lora_params(lora_config: Mapping[str, Any], model_config: Mapping[str, Any]
     unknown = sorted(set(lora_config) - {"r", "alpha", "dropout", "target_modules", "fan_in_fan_out"})
     if unknown:
         raise ValueError(f"lora_config has unknown keys {unknown}; accepted: r, alpha, dropout, target_modules, fan_in_fan_out")
-    r = lora_config.get("r", 16)
-    alpha = lora_config.get("alpha", 32)
-    dropout = lora_config.get("dropout", 0.0)
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora_config['r']={r!r} must be an int > 0")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-            or float(alpha) != int(alpha) or alpha <= 0:
-        raise ValueError(f"lora_config['alpha']={alpha!r} must be a whole number > 0 (ModelZoo's LoRA alpha is an int)")
-    alpha = int(alpha)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_config['dropout']={dropout!r} must be a float in [0, 1)")
-    params: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": float(dropout),
-                              "fan_in_fan_out": bool(lora_config.get("fan_in_fan_out", False)),
+    r, alpha, dropout = check_lora_args(lora_config.get("r", 16), lora_config.get("alpha", 32),
+                                        lora_config.get("dropout", 0.0))
+    # narrower than sparse LoRA's finite alpha on purpose: ModelZoo's Lora callback types alpha as an int
+    if alpha <= 0 or alpha != int(alpha):
+        raise ValueError(f"alpha={lora_config['alpha']!r} must be a whole number > 0 (ModelZoo's LoRA alpha is an int)")
+    params: dict[str, Any] = {"r": r, "alpha": int(alpha), "dropout": dropout,
+                              "fan_in_fan_out": check_bool(lora_config.get("fan_in_fan_out", False), "fan_in_fan_out"),
                               "merge_weights": False}  # merging would densify the pruned weights
     params["target_modules"] = _target_modules(lora_config.get("target_modules"), model_config)
     return params
@@ -109,8 +104,6 @@ def _escape_glob(name: str) -> str:
 
 
 def _sparsity_groups(mask_path: PathLike, name_map: Mapping[str, str] | None) -> list[dict[str, Any]]:
-    from ..pruning.mask_ops import compute_sparsity_stats, load_mask
-
     masks, _ = load_mask(mask_path)
     stats = compute_sparsity_stats(masks)["per_layer"]
     groups: dict[float, list[str]] = {}
@@ -134,8 +127,6 @@ def _model_names(phases: list) -> set[str]:
 
 def _auto_name_map(mask_path: Path, phases: list) -> dict[str, str] | None:
     """HF → ModelZoo names when the masks carry Hugging Face llama names and the model is llama."""
-    from ..pruning.mask_ops import load_mask
-
     if "llama" not in _model_names(phases):
         return None
     names = list(load_mask(mask_path)[0])
@@ -173,8 +164,7 @@ def create_sparse_config(
     Face names it is derived (``sparselora.cerebras.names``). Mask paths are made absolute.
     Writes YAML to ``output`` when given. Returns the new config.
     """
-    if sparse_mode not in _MODES:
-        raise ValueError(f"sparse_mode={sparse_mode!r} is unknown; accepted: {', '.join(_MODES)}")
+    check_choice(sparse_mode, "sparse_mode", SPARSITY_MODES)
     config = load_config(base_config)
     if "trainer" not in config:
         raise ValueError("base_config has no top-level 'trainer' key (a ModelZoo 2.x trainer config)")

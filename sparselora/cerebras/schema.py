@@ -6,8 +6,10 @@ checks cover both, so a config that passes here does not fail later at run time 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
+
+from ..lora.config import check_lora_args
+from ..rules import check_number, is_int
 
 __all__ = ["TRAINER_KEYS", "INIT_KEYS", "LOOP_KEYS", "CHECKPOINT_KEYS", "SPARSITY_KEYS", "check_trainer_config"]
 
@@ -28,7 +30,7 @@ LORA_KEYS = {"r", "alpha", "dropout", "fan_in_fan_out", "merge_weights", "target
 
 
 def _fail(where: str, message: str) -> None:
-    raise ValueError(f"trainer config {where}: {message}")
+    raise ValueError(f"trainer config {where}: {message}") from None  # a rule's own error is the message
 
 
 def _check_keys(block: Any, allowed: set[str], where: str) -> None:
@@ -40,7 +42,7 @@ def _check_keys(block: Any, allowed: set[str], where: str) -> None:
 
 
 def _check_sparsity_group(group: Any, where: str) -> None:
-    if isinstance(group, (int, float)) and not isinstance(group, bool):
+    if is_int(group) or isinstance(group, float):  # a bare number is a static group's sparsity
         group = {"sparsity": group}
     _check_keys(group, SPARSITY_KEYS, where)
     algorithm = group.get("algorithm", "static")
@@ -49,9 +51,11 @@ def _check_sparsity_group(group: Any, where: str) -> None:
     if "init_method" in group and group["init_method"] not in INIT_METHODS:
         _fail(where, f"init_method={group['init_method']!r}; accepted: {sorted(INIT_METHODS)}")
     if algorithm == "static":
-        value = group.get("sparsity")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
-            _fail(where, f"static sparsity must be a float in [0, 1), got {value!r}")
+        # [0, 1), not check_sparsity's [0, 1], on purpose: ModelZoo refuses a static sparsity of 1
+        try:
+            check_number(group.get("sparsity"), "sparsity", low=0.0, high=1.0, high_open=True, wanted="a float in [0, 1)")
+        except (TypeError, ValueError) as exc:
+            _fail(where, str(exc))
 
 
 def _check_callbacks(callbacks: Any, where: str) -> list[str]:
@@ -69,13 +73,10 @@ def _check_callbacks(callbacks: Any, where: str) -> list[str]:
             params_list = params if isinstance(params, list) else [params]
             for p in params_list:
                 _check_keys(p, LORA_KEYS, f"{where}[{i}].Lora.lora_params")
-                r, alpha, dropout = p.get("r", 8), p.get("alpha", 1), p.get("dropout", 0.0)
-                if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                    _fail(f"{where}[{i}].Lora", f"r={r!r} must be an int > 0")
-                if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-                    _fail(f"{where}[{i}].Lora", f"alpha={alpha!r} must be a finite number")
-                if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-                    _fail(f"{where}[{i}].Lora", f"dropout={dropout!r} must be in [0, 1)")
+                try:  # ModelZoo's defaults: r=8, alpha=1
+                    check_lora_args(p.get("r", 8), p.get("alpha", 1), p.get("dropout", 0.0))
+                except (TypeError, ValueError) as exc:
+                    _fail(f"{where}[{i}].Lora", str(exc))
         names.append(name.lower())
     return names
 

@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..lora.config import SPARSITY_MODES as MODES, check_lora_args
+from ..rules import check_choice
 from .callback import ModelZooCallback
 
 __all__ = ["SparseLora", "ModelZooSparseLoRALinear", "convert_linear_layers", "merged_weight", "merge_state_dict",
            "MODES"]
-
-MODES = ("sparse_to_dense", "sparse_to_sparse")
 
 
 class ModelZooSparseLoRALinear(nn.Linear):
@@ -72,8 +72,7 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
                   sparsity_mode: str) -> torch.Tensor:
     """The weight a trained layer computes with, in fp32 then cast back: ``W + (s·BA) ⊙ (W≠0)``
     (sparse_to_sparse: exactly as sparse as ``W``) or ``W + s·BA`` (sparse_to_dense)."""
-    if sparsity_mode not in MODES:
-        raise ValueError(f"sparsity_mode={sparsity_mode!r} is unknown; accepted: {', '.join(MODES)}")
+    check_choice(sparsity_mode, "sparsity_mode", MODES)
     delta = scaling * (lora_B.float() @ lora_A.float())
     if sparsity_mode == "sparse_to_sparse":
         delta = delta * (weight != 0)
@@ -90,8 +89,8 @@ def convert_linear_layers(model: nn.Module, lora_params: Mapping[str, Any], spar
 
     Returns the names of the converted layers; none converted is a ValueError.
     """
-    r, alpha = int(lora_params["r"]), float(lora_params.get("alpha", 1))
-    dropout, targets = float(lora_params.get("dropout", 0.0)), lora_params.get("target_modules")
+    r, alpha, dropout = _lora_args(lora_params)
+    targets = lora_params.get("target_modules")
     converted: list[str] = []
 
     def visit(module: nn.Module, prefix: str, chain: list[str]) -> None:
@@ -114,15 +113,19 @@ def convert_linear_layers(model: nn.Module, lora_params: Mapping[str, Any], spar
     return converted
 
 
-def _check_lora_params(lora_params: Mapping[str, Any]) -> dict[str, Any]:
+def _lora_args(lora_params: Mapping[str, Any]) -> tuple[int, float, float]:
+    """(r, alpha, dropout) of ``lora_params``: r is required, alpha and dropout default as in
+    ModelZoo's ``Lora`` callback."""
     if not isinstance(lora_params, Mapping):
         raise TypeError(f"lora_params must be a dict, got {type(lora_params).__name__}")
     unknown = sorted(set(lora_params) - {"r", "alpha", "dropout", "target_modules", "fan_in_fan_out", "merge_weights"})
     if unknown:
         raise ValueError(f"lora_params has unknown keys {unknown}; accepted: r, alpha, dropout, target_modules")
-    r = lora_params.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora_params['r']={r!r} must be an int > 0")
+    return check_lora_args(lora_params.get("r"), lora_params.get("alpha", 1), lora_params.get("dropout", 0.0))
+
+
+def _check_lora_params(lora_params: Mapping[str, Any]) -> dict[str, Any]:
+    _lora_args(lora_params)
     if lora_params.get("fan_in_fan_out") or lora_params.get("merge_weights"):
         raise ValueError("SparseLora supports fan_in_fan_out=False and merge_weights=False (merging densifies)")
     return dict(lora_params)
@@ -137,8 +140,7 @@ class SparseLora(ModelZooCallback):
     """
 
     def __init__(self, lora_params: dict, sparsity_mode: str = "sparse_to_sparse") -> None:
-        if sparsity_mode not in MODES:
-            raise ValueError(f"sparsity_mode={sparsity_mode!r} is unknown; accepted: {', '.join(MODES)}")
+        check_choice(sparsity_mode, "sparsity_mode", MODES)
         self.lora_params = _check_lora_params(lora_params)
         self.sparsity_mode = sparsity_mode
         self.converted: list[str] = []
@@ -165,7 +167,7 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], lora_params: Mapping[str
                      sparsity_mode: str) -> dict[str, torch.Tensor]:
     """A model state dict with every ``<layer>.lora_A`` / ``lora_B`` pair folded into
     ``<layer>.weight`` (see :func:`merged_weight`) and the adapter entries dropped."""
-    r, alpha = int(lora_params["r"]), float(lora_params.get("alpha", 1))
+    r, alpha, _ = _lora_args(lora_params)
     merged = dict(state)
     layers = [k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")]
     for layer in layers:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..pruning.mask_generator import compute_unstructured_mask
 from ..pruning.mask_ops import apply_masks_to_model, compute_sparsity_stats, plot_sparsity_histogram, save_mask
-from ..pruning.sparse_lora import SparseLoRAConfig, apply_sparse_lora, merge_all_lora_weights, validate_sparsity_preserved
+from ..lora import SparseLoRAConfig, apply_sparse_lora, merge_all_lora_weights, validate_sparsity_preserved
 from .corpus import batches, byte_dataset, stdlib_text
 from .model import TinyLM, TinyLMConfig
 

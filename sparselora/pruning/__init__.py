@@ -1,4 +1,5 @@
-"""The pruning API: importance scores, mask generation, one-shot LLM pruning, mask operations and sparse LoRA."""
+"""The pruning API: importance scores, mask generation, one-shot LLM pruning, mask operations, and
+sparse LoRA (handed on from :mod:`sparselora.lora` through the seed's path ``pruning.sparse_lora``)."""
 
 from .importance import (
     collect_activation_norms,

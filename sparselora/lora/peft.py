@@ -20,9 +20,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save
 
 from ..io.atomic import atomic_write_bytes
-from ._targets import is_peft_model
-from .lora_config import SparseLoRAConfig
-from .lora_layer import SparseLoRALinear
+from ..pruning._targets import is_peft_model
+from .config import SparseLoRAConfig
+from .model import apply_sparse_lora, sparse_lora_layers
 
 __all__ = ["export_peft_adapter", "from_peft_adapter", "PEFT_PREFIX"]
 
@@ -40,7 +40,7 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) ->
     where ``base`` is the model with the same masks applied (``apply_masks_to_model``, or
     the merged-free pruned checkpoint). Returns the directory.
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLoRALinear)]
+    layers = sparse_lora_layers(model)
     if not layers:
         raise ValueError("model has no sparse LoRA layers to export (apply_sparse_lora first)")
     s2s = [n for n, m in layers if m.masks_delta]
@@ -164,8 +164,6 @@ def from_peft_adapter(
     The adapters start from the PEFT weights; in sparse_to_sparse mode the function is
     ``((W + s·BA) ⊙ M) x`` from the first step.
     """
-    from .sparse_lora import apply_sparse_lora
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if adapter is None:
@@ -201,7 +199,7 @@ def from_peft_adapter(
             "pass config=None to take the adapter's settings"
         )
     model = apply_sparse_lora(model, masks, config)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLoRALinear)}
+    layers = dict(sparse_lora_layers(model))
     missing = sorted(set(weights) - set(layers))
     if missing:
         raise ValueError(f"the adapter adapts {missing[:3]} ({len(missing)} layers) that config.target_modules "

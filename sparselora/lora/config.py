@@ -1,19 +1,32 @@
-"""Settings of sparse LoRA (one dataclass, validated on construction)."""
+"""Settings of sparse LoRA (one dataclass, validated on construction) and the LoRA argument rule.
+
+:func:`check_lora_args` is the one check of ``r``, ``alpha`` and ``dropout``: the config here,
+the Cerebras trainer configs and the ``SparseLora`` ModelZoo callback all call it, so a bad
+value is refused with the same message wherever it is given.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from ..rules import check_sparsity
+from ..rules import check_bool, check_choice, check_dropout, check_finite, check_positive_int, check_sparsity
 
-__all__ = ["SparseLoRAConfig", "SPARSITY_MODES"]
+__all__ = ["SparseLoRAConfig", "SPARSITY_MODES", "check_lora_args"]
 
 SPARSITY_MODES = ("sparse_to_dense", "sparse_to_sparse")
 ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_lora_args(r: object, alpha: object, dropout: object) -> tuple[int, float, float]:
+    """``(r, alpha, dropout)`` checked: an int rank >= 1, a finite alpha, a dropout in [0, 1).
+
+    Raises TypeError (wrong type, ``True`` included) or ValueError (out of range) with the
+    messages of :mod:`sparselora.rules`.
+    """
+    return check_positive_int(r, "r"), check_finite(alpha, "alpha"), check_dropout(dropout, "dropout")
 
 
 @dataclass
@@ -46,26 +59,19 @@ class SparseLoRAConfig:
     adapter_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be an int > 0")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha={self.alpha!r} must be a finite number")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be a float in [0, 1)")
+        check_lora_args(self.r, self.alpha, self.dropout)
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of names")
         self.target_modules = list(self.target_modules)
-        if self.sparsity_mode not in SPARSITY_MODES:
-            raise ValueError(f"sparsity_mode={self.sparsity_mode!r} is unknown; accepted: {', '.join(SPARSITY_MODES)}")
+        check_choice(self.sparsity_mode, "sparsity_mode", SPARSITY_MODES)
         self.initial_sparsity = check_sparsity(self.initial_sparsity, "initial_sparsity")
-        if not isinstance(self.preserve_sparsity_on_merge, bool):
-            raise TypeError(f"preserve_sparsity_on_merge={self.preserve_sparsity_on_merge!r} must be a bool")
+        check_bool(self.preserve_sparsity_on_merge, "preserve_sparsity_on_merge")
         implied = self.sparsity_mode == "sparse_to_sparse"
         if self.maintain_sparsity is None:
             self.maintain_sparsity = implied
-        elif self.maintain_sparsity is not implied:
+        elif check_bool(self.maintain_sparsity, "maintain_sparsity") is not implied:
             raise ValueError(
                 f"maintain_sparsity={self.maintain_sparsity!r} contradicts sparsity_mode={self.sparsity_mode!r}; "
                 "sparse_to_sparse keeps the adapter delta masked during training, sparse_to_dense does not "
