@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparselora import cli
+from sparselora.cli import commands
 from sparselora.pruning.mask_ops import load_mask, save_mask
 
 
@@ -241,11 +243,13 @@ def test_validate_exit_codes(tmp_path, checkpoint, masks_file):
 # In-process checks of the message rules (no subprocess: the handler is replaced)
 
 
-def _fake_command(monkeypatch, action):
+def _fake_command(monkeypatch, action, name="validate"):
+    """The command ``name`` with its run function replaced by ``action``."""
     def handler(args, outputs):
         return action()
 
-    monkeypatch.setitem(cli._HANDLERS, "validate", handler)
+    records = tuple(replace(c, run=handler) if c.name == name else c for c in commands.COMMANDS)
+    monkeypatch.setattr(commands, "COMMANDS", records)
 
 
 def test_messages_are_one_plain_line(tmp_path, checkpoint, masks_file, monkeypatch, capsys):
@@ -289,7 +293,7 @@ def test_interrupt_removes_only_new_outputs(tmp_path, checkpoint, masks_file, mo
     base = tmp_path / "base.yaml"
     base.write_text("trainer: {}\n")
     for target, extra in [(new, []), (existing, ["--overwrite"])]:
-        monkeypatch.setitem(cli._HANDLERS, "cerebras-config", lambda args, outputs, a=interrupted(target): a())
+        _fake_command(monkeypatch, interrupted(target), "cerebras-config")
         code = cli.main(["cerebras-config", str(base), "--masks", str(masks_file), "-o", str(target), *extra])
         assert code == 130
         assert capsys.readouterr().err == "sparselora cerebras-config: interrupted\n"

@@ -130,8 +130,9 @@ def test_prune_command_writes_a_loadable_checkpoint_and_masks(checkpoint, tmp_pa
 
 @pytest.mark.parametrize("argv,message", [
     (["--owl", "--nm", "2:4"], "--owl"),
-    (["--nm", "4:2"], "N:M"),
-    (["--method", "obs"], "invalid choice"),
+    (["--nm", "4:2"], "--nm=(4, 2) must be ints with 0 < n < m"),
+    (["--nm", "4:4"], "--nm=(4, 4) must be ints with 0 < n < m"),
+    (["--method", "obs"], "--method='obs' is unknown; accepted: magnitude, wanda, sparsegpt"),
     (["--calibration", "missing.txt"], "does not exist"),
 ])
 def test_prune_command_rejects_bad_arguments(checkpoint, tmp_path, capsys, argv, message):

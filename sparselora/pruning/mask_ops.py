@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, Union
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch.nn as nn
 from .. import ops
 from ..rules import check_nm, check_number, check_positive_int, check_sparsity
 from ..io.atomic import atomic_open
-from ..io.mask_files import MASK_FORMATS, METADATA_KEY, metadata_json, read_mask_file, resolve_format, write_mask_file
+from ..io.mask_files import MASK_FORMATS, as_bool_mask, read_masks, write_masks
 from ._targets import normalise_mask_keys
 
 __all__ = [
@@ -30,24 +29,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def as_bool_mask(mask: Any, name: str = "mask") -> torch.Tensor:
-    """Return ``mask`` as a bool tensor; numeric masks must hold only 0 and 1."""
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(mask)
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} is {type(mask).__name__}; expected a torch.Tensor")
-    if mask.dtype == torch.bool:
-        # a bool tensor read from a damaged file can hold bytes other than 0/1
-        if mask.numel() and bool((mask.view(torch.uint8) > 1).any()):
-            raise ValueError(f"{name} holds bytes other than 0 and 1; the data is corrupted")
-        return mask
-    if mask.is_complex():
-        raise TypeError(f"{name} has complex dtype {mask.dtype}; masks are bool or 0/1")
-    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} holds values other than 0 and 1 (or NaN); masks are bool or 0/1")
-    return mask != 0
 
 
 def _mask_counts(mask: torch.Tensor) -> dict[str, Any]:
@@ -158,18 +139,7 @@ def save_mask(
     only) stores 8 mask elements per byte, 8x smaller (see ``sparselora.io.packed_masks``).
     The write is atomic: on any error the previous file at ``path`` is left as it was.
     """
-    fmt = resolve_format(path, format)
-    if packed and fmt != "safetensors":
-        raise ValueError(f"packed=True needs format='safetensors', got format={fmt!r}")
-    if not isinstance(masks, Mapping) or not masks:
-        raise ValueError("masks must be a non-empty dict of parameter name -> bool tensor")
-    meta = metadata_json(metadata)
-    tensors = {}
-    for name, mask in masks.items():
-        if not isinstance(name, str) or not name or name == METADATA_KEY:
-            raise ValueError(f"mask name {name!r} is not allowed")
-        tensors[name] = as_bool_mask(mask, f"masks[{name!r}]").detach().cpu().contiguous()
-    write_mask_file(tensors, path, fmt, meta, packed)
+    write_masks(masks, path, metadata, format, packed)
 
 
 def load_mask(
@@ -185,18 +155,8 @@ def load_mask(
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device={device!r} is not a torch device ({exc}); e.g. 'cpu' or 'cuda:0'") from None
-    fmt = resolve_format(path, format)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"mask file {str(path)!r} does not exist")
-    raw, metadata = read_mask_file(path, fmt)
-    masks = {}
-    for name, t in raw.items():
-        try:
-            masks[name] = as_bool_mask(t, f"mask {name!r}").to(device)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{str(path)!r}: {exc}") from None
-    return masks, metadata
+    masks, metadata = read_masks(path, format)
+    return {name: mask.to(device) for name, mask in masks.items()}, metadata
 
 
 def compute_sparsity_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:

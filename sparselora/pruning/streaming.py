@@ -29,7 +29,7 @@ from ..io.paths import check_apart
 from ..distributed import Ranks, owners
 from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity, warn_overpruned
 
-__all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES"]
+__all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES", "MASK_SHARD_NAME"]
 
 SCOPES = ("global", "layer")
 PathLike = Union[str, os.PathLike]
@@ -170,8 +170,12 @@ def _tie_quota(read, targets, mine, threshold, ranks: Ranks, bar) -> dict[str, i
     return quota
 
 
+# the shard each rank writes into a directory output, beside masks.safetensors.index.json
+MASK_SHARD_NAME = "masks-{rank}-of-{world}.safetensors"
+
+
 def _shard_name(rank: int, world: int) -> str:
-    return f"masks-{rank + 1:05d}-of-{world:05d}.safetensors"
+    return MASK_SHARD_NAME.format(rank=f"{rank + 1:05d}", world=f"{world:05d}")
 
 
 def _write_masks(source, sparsity, path: Path, mine, meta, scope, progress, ranks, targets) -> dict[str, Any]:

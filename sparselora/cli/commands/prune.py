@@ -1,0 +1,94 @@
+"""``sparselora prune``: one-shot pruning of a causal LM checkpoint, block by block."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ...pruning.calibration import read_text
+from ...pruning.llm_checkpoint import prune_checkpoint
+from ...pruning.sequential import LLM_METHODS
+from ...rules import check_choice, check_nm, check_number, check_positive_int
+from ..arguments import add_overwrite_option, add_progress_option, checked, integer, progress, ratio, sparsity
+from ..command import Command, Input, Output
+from ..outputs import Outputs
+
+__all__ = ["COMMAND"]
+
+
+def _method(value: str, flag: str) -> str:
+    # the engine's table is read when the flag is checked, not when the parser is built:
+    # a method registered before the run is accepted
+    return check_choice(value, flag, LLM_METHODS)
+
+
+def _nm(pair: tuple[int, int], flag: str) -> tuple[int, int]:
+    return check_nm(*pair, flag)
+
+
+def _owl_lambda(value: float, flag: str) -> float:
+    return check_number(value, flag, low=0.0, high=1.0)
+
+
+_samples = checked(check_positive_int, "--samples", integer)
+_seq_len = checked(check_positive_int, "--seq-len", integer)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--method", type=checked(_method, "--method", str), default="wanda",
+                        help=f"importance: {', '.join(LLM_METHODS)} (default wanda); sparsegpt also updates the kept "
+                        "weights")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("--sparsity", type=sparsity, help="fraction pruned in every block weight (default 0.5)")
+    level.add_argument("--nm", type=checked(_nm, "--nm", ratio), metavar="N:M", help="N:M masks instead, e.g. 2:4")
+    parser.add_argument("--owl", action="store_true", help="OWL: per-block sparsity from outlier ratios, mean = --sparsity")
+    parser.add_argument("--owl-lambda", type=checked(_owl_lambda, "--owl-lambda"), default=0.08,
+                        help="OWL spread: at most 2*lambda (default 0.08)")
+    parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 calibration text (default: built-in text)")
+    parser.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the checkpoint's)")
+    parser.add_argument("--samples", type=_samples, default=128, help="calibration windows (default 128)")
+    parser.add_argument("--seq-len", type=_seq_len, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--include", action="append", metavar="GLOB", help="only weights matching GLOB (repeatable)")
+    parser.add_argument("--exclude", action="append", metavar="GLOB", help="skip weights matching GLOB (repeatable)")
+    parser.add_argument("--offload-dir", type=Path, metavar="DIR", help="keep calibration activations in files here")
+    parser.add_argument("-o", "--output-dir", type=Path, required=True)
+    parser.add_argument("--distributed", action="store_true", help="split the calibration batches across torchrun ranks")
+    add_progress_option(parser)
+    add_overwrite_option(parser)
+
+
+def _outputs(args: argparse.Namespace) -> list[Output]:
+    return [Output("--output-dir", args.output_dir)]
+
+
+def _run(args: argparse.Namespace, outputs: Outputs) -> int:
+    if args.owl and args.nm:
+        raise ValueError("--owl allocates unstructured sparsity per block; it does not combine with --nm")
+    summary = prune_checkpoint(
+        args.checkpoint, args.output_dir, args.method, None if args.nm else (args.sparsity or 0.5), nm=args.nm,
+        owl=args.owl, owl_lambda=args.owl_lambda, tokenizer=args.tokenizer,
+        calibration_text=read_text(args.calibration) if args.calibration else None, samples=args.samples,
+        seq_len=args.seq_len, include=args.include, exclude=args.exclude, distributed=args.distributed,
+        offload_dir=args.offload_dir, overwrite=args.overwrite, progress=progress(args),
+    )
+    level = f"{args.nm[0]}:{args.nm[1]}" if args.nm else f"{args.sparsity or 0.5:.0%}"
+    if not args.distributed or int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['blocks']} blocks pruned with {args.method} at {level}{' + OWL' if args.owl else ''} "
+              f"in {summary['seconds']:.1f} s -> {summary['output']} (masks: {summary['masks']})")
+    return 0
+
+
+COMMAND = Command(
+    name="prune",
+    help="one-shot pruning of a causal LM checkpoint block by block (magnitude, Wanda, SparseGPT, OWL)",
+    description="Prune a Hugging Face causal LM (a folder with config.json and safetensors shards) one decoder block "
+    "at a time, reading each block from disk when its turn comes, and write the pruned checkpoint (loadable with "
+    "from_pretrained) plus its packed masks (OUT/masks.safetensors). Under torchrun, --distributed splits the "
+    "calibration batches across ranks.",
+    add_arguments=_add_arguments,
+    inputs=(Input("checkpoint", "checkpoint"), Input("--calibration", "calibration"), Input("--tokenizer", "tokenizer")),
+    outputs=_outputs,
+    run=_run,
+)
