@@ -17,6 +17,7 @@ from typing import Mapping, Union
 
 import torch
 
+from .modelzoo import load_modelzoo_checkpoint
 from .paths import contained
 from .safetensors import SafetensorsReader
 
@@ -137,8 +138,6 @@ class Checkpoint:
 
     def _open_modelzoo_file(self) -> None:
         """A Cerebras ModelZoo checkpoint (``cerebras.pytorch.save``): its ``model`` state."""
-        from .modelzoo import load_modelzoo_checkpoint
-
         state = load_modelzoo_checkpoint(self.path)
         model = state.get("model", state) if isinstance(state, Mapping) else None
         if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):

@@ -20,7 +20,10 @@ from ..io.atomic import atomic_write_bytes, staging_dir, swap_directory
 from ..io.paths import check_apart
 from ..io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..io.checkpoints import Checkpoint
+from ..io.mask_files import as_bool_mask
+from ..io.modelzoo import load_modelzoo_checkpoint, save_modelzoo_checkpoint
 from ..io.packed_masks import PACKED_FORMAT, packed_header, read_index, unpack
+from .mask_ops import load_mask
 
 __all__ = ["MaskFile", "apply_masks_to_checkpoint", "validate_checkpoint_masks", "rewrite_checkpoint"]
 
@@ -37,8 +40,6 @@ class MaskFile:
             self._masks = masks
             self.names = list(masks)
             return
-        from .mask_ops import load_mask
-
         path = Path(masks)
         files: list[Path] = []
         if path.is_dir() or path.name.endswith(".index.json"):
@@ -61,8 +62,6 @@ class MaskFile:
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._masks:
-            from .mask_ops import as_bool_mask
-
             return as_bool_mask(self._masks[name], f"mask {name!r}")
         reader, shape = self._readers[name]
         try:
@@ -137,8 +136,6 @@ def _numel(shape) -> int:
 def _apply_to_modelzoo_file(source: Checkpoint, mask_file: "MaskFile", target: Path) -> int:
     """A ModelZoo checkpoint written whole (``cerebras.pytorch.save``) with its pruned
     weights zeroed; everything else in it (optimizer, step) is kept."""
-    from ..io.modelzoo import load_modelzoo_checkpoint, save_modelzoo_checkpoint
-
     state = load_modelzoo_checkpoint(source.path)
     model = state["model"] if isinstance(state, Mapping) and "model" in state else state
     pruned = 0

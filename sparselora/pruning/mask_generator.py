@@ -33,7 +33,7 @@ from ._targets import (
     state_dict_targets,
     warn_overpruned,
 )
-from .mask_ops import as_bool_mask
+from ..io.mask_files import as_bool_mask
 
 __all__ = [
     "MaskGenerator",
