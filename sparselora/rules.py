@@ -35,16 +35,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _describe(kind: str, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """The accepted values in words: ``an int >= 1``, ``a number in [0, 1)``."""
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high:g}"
+    return kind
+
+
 def check_int(value: object, arg: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as an int within ``[minimum, maximum]`` (either bound may be open-ended)."""
-    if minimum is not None and maximum is not None:
-        wanted = f"an int in [{minimum}, {maximum}]"
-    elif minimum is not None:
-        wanted = f"an int >= {minimum}"
-    elif maximum is not None:
-        wanted = f"an int <= {maximum}"
-    else:
-        wanted = "an int"
+    wanted = _describe("an int", minimum, maximum, False, False)
     if not is_int(value):
         raise TypeError(f"{arg}={value!r} must be {wanted}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -64,16 +68,8 @@ def check_number(value: object, arg: str, *, low: float | None = None, high: flo
     ``wanted`` replaces the generated description of the accepted values in the message.
     """
     if wanted is None:
-        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
-        hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-        if low is not None and high is not None:
-            wanted = f"a number in {lo}, {hi}"
-        elif low is not None:
-            wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
-        elif high is not None:
-            wanted = f"a finite number {'<' if high_open else '<='} {high:g}"
-        else:
-            wanted = "a finite number"
+        kind = "a number" if low is not None and high is not None else "a finite number"
+        wanted = _describe(kind, low, high, low_open, high_open)
     if not _is_number(value):
         raise TypeError(f"{arg}={value!r} must be {wanted}")
     number = float(value)
