@@ -41,8 +41,8 @@ from typing import Any, Sequence
 
 import torch
 
-from sparselora.demo.corpus import stdlib_text
 from sparselora.io.atomic import atomic_open, atomic_write_bytes
+from sparselora.pruning.calibration_text import stdlib_text
 from sparselora.pruning.sequential import prune_model
 from sparselora.pruning.sparse_lora import (
     SparseLoRAConfig,
