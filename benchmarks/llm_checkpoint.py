@@ -45,7 +45,7 @@ def generate(folder: Path, layers: int, shard_bytes: int = 500 * 2**20) -> int:
     import torch
 
     from sparselora.io.safetensors import SafetensorsWriter
-    from sparselora.pruning.llm_checkpoint import meta_model
+    from sparselora.pruning.oneshot import meta_model
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config(layers)))
@@ -78,8 +78,7 @@ def child(kind: str, folder: Path, out: Path, method: str) -> dict:
     import torch
     import transformers
 
-    from sparselora.pruning.llm_checkpoint import prune_checkpoint
-    from sparselora.pruning.sequential import prune_model
+    from sparselora.pruning.oneshot import prune_checkpoint, prune_model
 
     gen = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, VOCAB, (4, 128), generator=gen)} for _ in range(2)]

@@ -15,7 +15,7 @@ with a seed and split into an evaluation part and a disjoint pool. Calibration w
 come from the pool only; perplexity is measured on non-overlapping windows of the
 evaluation part. Every pruned weight is a Linear weight of a decoder block; embeddings,
 norms and the (tied) LM head stay dense. Pruning runs sequentially, block by block
-(``sparselora.pruning.sequential.prune_model``).
+(``sparselora.pruning.oneshot.prune_model``).
 
 Recovery: for the best 50% and 70% masks, LoRA adapters (r=16) on every block Linear are
 trained on the pool with the language-modelling loss under bf16 autocast, in both modes
@@ -41,9 +41,9 @@ from typing import Any, Sequence
 
 import torch
 
-from sparselora.demo.corpus import stdlib_text
 from sparselora.io.atomic import atomic_open, atomic_write_bytes
-from sparselora.pruning.sequential import prune_model
+from sparselora.pruning.calibration_text import stdlib_text
+from sparselora.pruning.oneshot import prune_model
 from sparselora.pruning.sparse_lora import (
     SparseLoRAConfig,
     apply_sparse_lora,

@@ -10,7 +10,7 @@ with transformers' AutoModel / AutoTokenizer; a sentence embedding is the attent
 mean of the last hidden states, L2-normalised, as sentence-transformers computes it.
 
 Text comes from a built-in source, the docstrings of Python's standard library
-(``sparselora.demo.corpus``), split into sentences and deduplicated. A seeded shuffle puts
+(``sparselora.pruning.calibration_text``), split into sentences and deduplicated. A seeded shuffle puts
 them into an evaluation set and a disjoint pool; calibration batches and the LoRA training
 data are drawn from the pool only.
 
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparselora.demo.corpus import stdlib_text
+from sparselora.pruning.calibration_text import stdlib_text
 from sparselora.pruning.importance import (
     collect_activation_norms,
     collect_taylor_importance,

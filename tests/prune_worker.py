@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sparselora.cli import main
-from sparselora.pruning.llm_checkpoint import prune_checkpoint
+from sparselora.pruning.oneshot import prune_checkpoint
 
 out = Path(sys.argv[1])
 method = (out / "method.txt").read_text().strip()

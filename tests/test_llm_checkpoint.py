@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from sparselora.cli import main
-from sparselora.pruning.llm_checkpoint import prune_checkpoint
 from sparselora.pruning.mask_ops import load_mask, validate_nm_mask
-from sparselora.pruning.sequential import prune_model
+from sparselora.pruning.oneshot import prune_checkpoint, prune_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -12,9 +12,9 @@ from sparselora.pruning.calibration import calibration_batches
 from sparselora.pruning.importance import collect_activation_norms
 from sparselora.pruning.mask_generator import compute_unstructured_mask
 from sparselora.pruning.mask_ops import validate_nm_mask
-from sparselora.pruning.owl import outlier_ratio, owl_sparsities
-from sparselora.pruning.sequential import find_decoder_blocks, prune_model
-from sparselora.pruning.sparsegpt import GramAccumulator, sparsegpt_prune_
+from sparselora.pruning.oneshot import find_decoder_blocks, prune_model
+from sparselora.pruning.oneshot.owl import outlier_ratio, owl_sparsities
+from sparselora.pruning.oneshot.sparsegpt import GramAccumulator, sparsegpt_prune_
 
 transformers = pytest.importorskip("transformers")
 

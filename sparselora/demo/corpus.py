@@ -1,37 +1,16 @@
-"""A built-in training corpus: the docstrings of Python's standard library (no download)."""
+"""The demo's training corpus: byte windows of the built-in text.
+
+The text itself (the docstrings of Python's standard library, no download) is the built-in
+calibration text of :mod:`sparselora.pruning.calibration_text`, re-exported here as ``stdlib_text``.
+"""
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import torch
 
+from ..pruning.calibration_text import stdlib_text
+
 __all__ = ["stdlib_text", "byte_dataset", "batches"]
-
-_MODULES = (
-    "argparse", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email.message", "fractions", "functools", "heapq", "http.client", "inspect",
-    "itertools", "json", "logging", "pathlib", "pickle", "random", "re", "shutil", "statistics",
-    "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "zipfile",
-)
-
-
-def stdlib_text() -> str:
-    """Module, class and function docstrings of a fixed list of stdlib modules."""
-    parts: list[str] = []
-    for name in _MODULES:
-        module = importlib.import_module(name)
-        if module.__doc__:
-            parts.append(inspect.cleandoc(module.__doc__))
-        for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and (inspect.isfunction(obj) or inspect.isclass(obj)):
-                parts.append(doc)
-    return "\n\n".join(parts)
 
 
 def byte_dataset(text: str, context: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,10 +15,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..pruning.calibration_text import stdlib_text
 from ..pruning.mask_generator import compute_unstructured_mask
 from ..pruning.mask_ops import apply_masks_to_model, compute_sparsity_stats, plot_sparsity_histogram, save_mask
 from ..lora import SparseLoRAConfig, apply_sparse_lora, merge_all_lora_weights, validate_sparsity_preserved
-from .corpus import batches, byte_dataset, stdlib_text
+from .corpus import batches, byte_dataset
 from .model import TinyLM, TinyLMConfig
 
 __all__ = ["DemoSettings", "run_demo"]

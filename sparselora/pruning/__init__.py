@@ -29,10 +29,7 @@ from .mask_ops import (
     validate_nm_mask,
 )
 from .calibration import calibration_batches
-from .llm_checkpoint import prune_checkpoint
-from .owl import owl_sparsities
-from .sequential import prune_model
-from .sparsegpt import sparsegpt_prune_
+from .oneshot import owl_sparsities, prune_checkpoint, prune_model, sparsegpt_prune_
 from .sparse_lora import (
     SparseLoRAConfig,
     SparseLoRALinear,

@@ -2,7 +2,8 @@
 
 Wanda, SparseGPT and OWL need inputs that look like what the model will see. The papers
 use 128 random windows of 2048 tokens from C4; here any text works (a file, or the
-built-in text: the docstrings of Python's standard library, so nothing is downloaded).
+built-in text of :mod:`.calibration_text`: the docstrings of Python's standard library, so
+nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any, Union
 
 import torch
 
+from ..rules import check_positive_int
+from .calibration_text import stdlib_text
+
 __all__ = ["builtin_text", "read_text", "calibration_batches"]
 
 
 def builtin_text() -> str:
     """The built-in calibration text (docstrings of a fixed set of stdlib modules)."""
-    from ..demo.corpus import stdlib_text
-
     return stdlib_text()
 
 
@@ -32,12 +34,6 @@ def read_text(path: Union[str, os.PathLike]) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"calibration file {str(file)!r} is not UTF-8 text ({exc.reason})") from None
-
-
-def _check_positive(value: object, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg}={value!r} must be an int >= 1")
-    return value
 
 
 def calibration_batches(
@@ -53,9 +49,9 @@ def calibration_batches(
     (the built-in text when None), as ``{"input_ids": (b, seq_len)}`` batches of up to
     ``batch_size``. ``tokenizer`` is a Hugging Face tokenizer (anything with ``encode``).
     """
-    samples = _check_positive(samples, "samples")
-    seq_len = _check_positive(seq_len, "seq_len")
-    batch_size = _check_positive(batch_size, "batch_size")
+    samples = check_positive_int(samples, "samples")
+    seq_len = check_positive_int(seq_len, "seq_len")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if text is None:
         text = builtin_text()
     if not isinstance(text, str):

@@ -32,6 +32,7 @@ __all__ = [
     "collect_taylor_importance",
     "compute_layer_importance",
     "IMPORTANCE_METHODS",
+    "run_batch",
 ]
 
 IMPORTANCE_METHODS = ("magnitude", "taylor", "wanda", "custom")
@@ -39,13 +40,15 @@ ImportanceFn = Callable[[nn.Module, str], torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def _run_batch(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
+def run_batch(model: nn.Module, batch: Any, **options: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``:
+    the one reading of a calibration batch. ``options`` are added as keyword arguments (over
+    the dict's own keys)."""
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**{**batch, **options})
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return model(*batch, **options)
+    return model(batch, **options)
 
 
 def _weight_of(layer: Union[nn.Module, torch.Tensor], fn: str) -> torch.Tensor:
@@ -148,7 +151,7 @@ def collect_activation_norms(
         count = 0
         for batch in tqdm(batches, desc="activation norms", unit="batch", disable=bar_disabled(progress)):
             count += 1
-            _run_batch(model, batch)
+            run_batch(model, batch)
         if count == 0:
             raise ValueError("batches is empty; give at least one calibration batch")
     finally:

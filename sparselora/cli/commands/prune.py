@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from ...pruning.calibration import read_text
-from ...pruning.llm_checkpoint import prune_checkpoint
-from ...pruning.sequential import LLM_METHODS
+from ...pruning.oneshot import method_names, prune_checkpoint
 from ...rules import check_choice, check_nm, check_number, check_positive_int
 from ..arguments import add_overwrite_option, add_progress_option, checked, integer, progress, ratio, sparsity
 from ..command import Command, Input, Output
@@ -20,7 +19,7 @@ __all__ = ["COMMAND"]
 def _method(value: str, flag: str) -> str:
     # the engine's table is read when the flag is checked, not when the parser is built:
     # a method registered before the run is accepted
-    return check_choice(value, flag, LLM_METHODS)
+    return check_choice(value, flag, method_names())
 
 
 def _nm(pair: tuple[int, int], flag: str) -> tuple[int, int]:
@@ -38,7 +37,7 @@ _seq_len = checked(check_positive_int, "--seq-len", integer)
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--method", type=checked(_method, "--method", str), default="wanda",
-                        help=f"importance: {', '.join(LLM_METHODS)} (default wanda); sparsegpt also updates the kept "
+                        help=f"importance: {', '.join(method_names())} (default wanda); sparsegpt also updates the kept "
                         "weights")
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--sparsity", type=sparsity, help="fraction pruned in every block weight (default 0.5)")

@@ -12,16 +12,27 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["outlier_ratio", "owl_sparsities", "OWL_THRESHOLD", "OWL_LAMBDA"]
+from ...rules import check_number, check_sparsity
+
+__all__ = ["outlier_ratio", "owl_sparsities", "OWL_THRESHOLD", "OWL_LAMBDA", "check_threshold", "check_lambda"]
 
 OWL_THRESHOLD = 5.0  # the paper's M
 OWL_LAMBDA = 0.08  # the paper's λ: block sparsities spread over at most 2λ
 
 
+def check_threshold(threshold: object, arg: str = "threshold") -> float:
+    """OWL's outlier threshold M, a number > 0."""
+    return check_number(threshold, arg, low=0.0, low_open=True, wanted="a number > 0 (the paper's M = 5)")
+
+
+def check_lambda(lam: object, arg: str = "lam") -> float:
+    """OWL's spread λ, a number in [0, 0.5]: block sparsities lie within ±λ of the target."""
+    return check_number(lam, arg, low=0.0, high=0.5, wanted="a number in [0, 0.5] (the paper uses 0.08)")
+
+
 def outlier_ratio(scores: Sequence[torch.Tensor], threshold: float = OWL_THRESHOLD) -> float:
     """Share of the ``scores`` (all tensors together) above ``threshold`` × their mean."""
-    if not (isinstance(threshold, (int, float)) and threshold > 0):
-        raise ValueError(f"threshold={threshold!r} must be a number > 0 (the paper's M = 5)")
+    threshold = check_threshold(threshold)
     total = sum(float(s.double().sum()) for s in scores)
     count = sum(s.numel() for s in scores)
     if count == 0:
@@ -40,10 +51,8 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float = OWL_LAMB
     """
     if not ratios:
         raise ValueError("owl_sparsities needs at least one block ratio")
-    if not (isinstance(target, (int, float)) and 0.0 <= target <= 1.0):
-        raise ValueError(f"target={target!r} must be a number in [0, 1]")
-    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 0.5):
-        raise ValueError(f"lam={lam!r} must be a number in [0, 0.5] (the paper uses 0.08)")
+    target = check_sparsity(target, "target")
+    lam = check_lambda(lam)
     values = torch.tensor([float(r) for r in ratios], dtype=torch.float64)
     low, high = float(values.min()), float(values.max())
     if high == low:

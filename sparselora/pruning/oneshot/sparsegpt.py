@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ... import ops
+from ...rules import check_nm, check_number, check_positive_int, check_sparsity
 
-__all__ = ["sparsegpt_prune_", "GramAccumulator"]
+__all__ = ["sparsegpt_prune_", "GramAccumulator", "check_damp"]
 
 
 class GramAccumulator:
@@ -60,6 +61,12 @@ class GramAccumulator:
         return diagonal.sqrt().float()
 
 
+def check_damp(damp: object, arg: str = "damp") -> float:
+    """SparseGPT's dampening, a positive fraction of the mean Hessian diagonal (below 1000)."""
+    return check_number(damp, arg, low=0.0, high=1e3, low_open=True, high_open=True,
+                        wanted="a positive fraction of the mean Hessian diagonal, below 1000 (0.01 in the paper)")
+
+
 def _check_args(weight: torch.Tensor, hessian: torch.Tensor, sparsity, n, m, block_size, damp) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
         raise ValueError("weight must be a floating 2-D (out, in) tensor")
@@ -69,19 +76,16 @@ def _check_args(weight: torch.Tensor, hessian: torch.Tensor, sparsity, n, m, blo
                          f"got {tuple(getattr(hessian, 'shape', ()))}")
     if (sparsity is None) == (n is None):
         raise ValueError("give exactly one of sparsity= (unstructured) and n=, m= (N:M)")
-    if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
-        raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1]")
+    if sparsity is not None:
+        check_sparsity(sparsity)
     if n is not None:
-        if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-            raise ValueError(f"n={n!r}, m={m!r} must be ints with 0 < n <= m (2:4 and 4:8 are common)")
+        check_nm(n, m)
         if cols % m:
             raise ValueError(f"input size {cols} is not a multiple of m={m}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} must be an int >= 1 (128 in the paper)")
+    check_positive_int(block_size, "block_size")
     if n is not None and block_size % m:
         raise ValueError(f"block_size={block_size} must be a multiple of m={m}")
-    if not (isinstance(damp, (int, float)) and 0.0 < damp < 1e3):
-        raise ValueError(f"damp={damp!r} must be a positive fraction of the mean Hessian diagonal (0.01 in the paper)")
+    check_damp(damp)
 
 
 def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""One-shot pruning of decoder LLMs, block by block: magnitude, Wanda, SparseGPT, OWL.
+
+``plan`` holds the plan and the table of per-method rules (what a method gathers, how it
+scores, how it updates the weights); ``blocks`` the block sources (in memory, or read from a
+checkpoint into a meta skeleton); ``activations`` the block inputs; ``engine`` the block loop
+and OWL's pass, which know no method by name; ``model`` and ``checkpoint`` the two entry
+points; ``sparsegpt`` and ``owl`` the algorithms' pure functions.
+"""
+
+from .blocks import BlockSource, CheckpointBlocks, InMemoryBlocks, block_targets, find_decoder_blocks, meta_model
+from .checkpoint import MASKS_FILE, prune_checkpoint
+from .engine import run_sequential
+from .model import prune_model
+from .owl import OWL_LAMBDA, OWL_THRESHOLD, outlier_ratio, owl_sparsities
+from .plan import (
+    Gathers,
+    MethodRule,
+    PruningPlan,
+    WeightToPrune,
+    magnitude_score,
+    make_plan,
+    mask_and_zero,
+    method_names,
+    method_rule,
+    obs_update,
+    register_method,
+    unregister_method,
+    wanda_score,
+)
+from .sparsegpt import GramAccumulator, sparsegpt_prune_
+
+__all__ = [
+    "prune_model",
+    "prune_checkpoint",
+    "PruningPlan",
+    "make_plan",
+    "MethodRule",
+    "Gathers",
+    "WeightToPrune",
+    "register_method",
+    "unregister_method",
+    "method_rule",
+    "method_names",
+    "magnitude_score",
+    "wanda_score",
+    "mask_and_zero",
+    "obs_update",
+    "run_sequential",
+    "BlockSource",
+    "InMemoryBlocks",
+    "CheckpointBlocks",
+    "find_decoder_blocks",
+    "block_targets",
+    "meta_model",
+    "MASKS_FILE",
+    "sparsegpt_prune_",
+    "GramAccumulator",
+    "owl_sparsities",
+    "outlier_ratio",
+    "OWL_THRESHOLD",
+    "OWL_LAMBDA",
+]
