@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sparselora import ops
-from sparselora.ops import library, reference
+from sparselora.ops import keys, library, reference
+from sparselora.ops.masks import pack_bits
 from sparselora.ops import triton as triton_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -45,7 +46,7 @@ def test_cpu_tensors_skip_triton_unless_forced():
 def test_key_histogram(forced, dtype, absolute):
     x = (torch.randint(-4, 5, (3001,), generator=torch.Generator().manual_seed(1)) * 0.37).to(dtype)
     x[5] = -0.0
-    for high in (-1, int(reference._order_keys(x[:1], absolute)[0]) >> 16):
+    for high in (-1, int(keys.order_keys(x[:1], absolute)[0]) >> 16):
         got = ops.key_histogram(dev(x), absolute=absolute, high=high)
         assert ops.last_backend("key_histogram") == "triton"
         assert torch.equal(got, reference.key_histogram(x, absolute, high))
@@ -67,7 +68,7 @@ def test_select_matches_reference_with_ties(forced, dtype, absolute):
         threshold = ops.prune_threshold(on_device, k, absolute=absolute)
         assert threshold == reference.prune_threshold(scores, k, absolute)
         packed, _ = ops.write_prune_mask(on_device[0], threshold, threshold.ties, absolute=absolute, packed=True)
-        assert torch.equal(packed.cpu(), reference._pack(want[0]))
+        assert torch.equal(packed.cpu(), pack_bits(want[0]))
 
 
 def test_nonfinite_scores_are_rejected(forced):
@@ -245,7 +246,7 @@ def test_apply_mask_and_masked_copy(forced, dtype, packed):
     w = torch.randn(37, 29, generator=gen).to(dtype)
     keep = torch.rand(w.shape, generator=gen) > 0.4
     w[~keep] = float("nan")  # pruned NaN/inf become 0
-    mask = reference._pack(keep) if packed else keep
+    mask = pack_bits(keep) if packed else keep
     want = w.masked_fill(~keep, 0)
     copy = library.call(library.masked_copy, dev(w), dev(mask))
     assert ops.last_backend("masked_copy") == "triton" and torch.equal(copy.cpu(), want)

@@ -1,11 +1,11 @@
-"""Small value types shared by the ops and their backends."""
+"""Small value types and the rules every backend applies alike."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["PruneThreshold", "masks_under_threshold"]
+__all__ = ["PruneThreshold", "masks_under_threshold", "raise_nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -30,3 +30,9 @@ def masks_under_threshold(scores: Sequence, threshold: PruneThreshold, write: Ca
         ties_left -= used
         masks.append(mask)
     return masks
+
+
+def raise_nonfinite(count: int) -> None:
+    """The one refusal of NaN/inf scores, raised by every backend that counted ``count`` of them."""
+    if count:
+        raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")

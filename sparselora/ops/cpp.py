@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
-from ._types import PruneThreshold
+from ._types import PruneThreshold, raise_nonfinite
+from .masks import pack_bits, packed_size
 
 __all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply_packed_mask_", "release_workspaces"]
 
@@ -74,20 +75,16 @@ def _layout(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[int], list
     return flat, [t.data_ptr() for t in flat], [t.numel() for t in flat], [_DTYPE_CODES[t.dtype] for t in flat]
 
 
-def _raise_nonfinite(count: int) -> None:
-    if count:
-        raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
-
 
 @register("prune_threshold", "cpp", priority=CPP_PRIORITY, check=_scores_reason)
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
     keep_alive, addresses, sizes, dtypes = _layout(*scores)
     if k == 0:
         counts = torch.empty(65536, dtype=torch.int64)
-        _raise_nonfinite(_C.key_histogram(addresses, sizes, dtypes, absolute, -1, counts.data_ptr(), _threads()))
+        raise_nonfinite(_C.key_histogram(addresses, sizes, dtypes, absolute, -1, counts.data_ptr(), _threads()))
         return PruneThreshold(float("-inf"), 0)
     value, ties, nonfinite = _C.find_cut(addresses, sizes, dtypes, k, absolute, _threads())
-    _raise_nonfinite(nonfinite)
+    raise_nonfinite(nonfinite)
     del keep_alive
     return PruneThreshold(value, ties)
 
@@ -96,7 +93,7 @@ def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> P
 def key_histogram(score: torch.Tensor, absolute: bool, high: int) -> torch.Tensor:
     (flat,), (address,), (size,), (dtype,) = _layout(score)
     counts = torch.empty(65536, dtype=torch.int64)
-    _raise_nonfinite(_C.key_histogram([address], [size], [dtype], absolute, high, counts.data_ptr(), _threads()))
+    raise_nonfinite(_C.key_histogram([address], [size], [dtype], absolute, high, counts.data_ptr(), _threads()))
     return counts
 
 
@@ -108,16 +105,11 @@ def _write_reason(score: torch.Tensor, *_args) -> str | None:
 def write_prune_mask(
     score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool, packed: bool = False
 ) -> tuple[torch.Tensor, int]:
-    n = score.numel()
     if threshold.value == float("-inf"):  # nothing pruned in this group
-        if packed:
-            out = torch.full(((n + 7) // 8,), 0xFF, dtype=torch.uint8)
-            if n % 8:
-                out[-1] = (1 << (n % 8)) - 1
-            return out, 0
-        return torch.ones(score.shape, dtype=torch.bool), 0
+        keep = torch.ones(score.shape, dtype=torch.bool)
+        return (pack_bits(keep) if packed else keep), 0
     (flat,), (address,), (size,), (dtype,) = _layout(score)
-    out = torch.empty(((n + 7) // 8,) if packed else score.shape, dtype=torch.uint8 if packed else torch.bool)
+    out = torch.empty((packed_size(size),) if packed else score.shape, dtype=torch.uint8 if packed else torch.bool)
     layout = _C.PACKED_BITS if packed else _C.BOOL_BYTES
     used = _C.write_mask(address, size, dtype, threshold.value, ties_left, absolute, out.data_ptr(), layout, _threads())
     return out, used
@@ -128,7 +120,7 @@ def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) ->
     keep_alive, addresses, sizes, dtypes = _layout(*scores)
     outs = [torch.empty(s.shape, dtype=torch.bool) for s in scores]
     nonfinite = _C.select_masks(addresses, sizes, dtypes, k, absolute, [o.data_ptr() for o in outs], _C.BOOL_BYTES, _threads())
-    _raise_nonfinite(nonfinite)
+    raise_nonfinite(nonfinite)
     del keep_alive
     return outs
 
@@ -147,7 +139,7 @@ def nm_prune_mask(score: torch.Tensor, n: int, m: int, absolute: bool) -> torch.
     flat = score.detach().contiguous()
     out = torch.empty(score.shape, dtype=torch.bool)
     code = _SELECT_DTYPE_CODES[flat.dtype]
-    _raise_nonfinite(_C.nm_mask(flat.data_ptr(), code, flat.numel(), n, m, absolute, out.data_ptr(), _threads()))
+    raise_nonfinite(_C.nm_mask(flat.data_ptr(), code, flat.numel(), n, m, absolute, out.data_ptr(), _threads()))
     return out
 
 
@@ -163,7 +155,7 @@ def row_prune_mask(score: torch.Tensor, k: int, absolute: bool, prior: torch.Ten
     )
     if bad_row >= 0:
         raise ValueError(f"prior already prunes {bad_count} weights of row {bad_row}, more than k={k}")
-    _raise_nonfinite(nonfinite)
+    raise_nonfinite(nonfinite)
     return out
 
 
@@ -325,11 +317,11 @@ def _check_packable(mask: torch.Tensor) -> None:
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool mask into ``ceil(n/8)`` uint8 bytes: element ``8j+i`` is bit ``i`` of byte
-    ``j`` (least significant bit first, numpy's ``packbits(bitorder="little")``)."""
+    """:func:`sparselora.ops.masks.pack_bits` of a CPU bool mask, on the C++ kernel (threaded):
+    the same bytes, in the layout :mod:`sparselora.ops.masks` defines."""
     _check_packable(mask)
     flat = mask.contiguous()
-    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+    out = torch.empty(packed_size(flat.numel()), dtype=torch.uint8)
     _C.pack_bits(flat.data_ptr(), flat.numel(), out.data_ptr(), _threads())
     return out
 
@@ -341,8 +333,9 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= int(d)
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise ValueError(f"packed must be {(n + 7) // 8} uint8 bytes for shape {tuple(shape)}, got {packed.numel()} {packed.dtype}")
+    size = packed_size(n)
+    if packed.dtype != torch.uint8 or packed.numel() != size:
+        raise ValueError(f"packed must be {size} uint8 bytes for shape {tuple(shape)}, got {packed.numel()} {packed.dtype}")
     src = packed.contiguous()
     out = torch.empty(tuple(shape), dtype=torch.bool)
     _C.unpack_bits(src.data_ptr(), n, out.data_ptr(), _threads())
@@ -355,8 +348,9 @@ def apply_packed_mask_(weight: torch.Tensor, packed: torch.Tensor) -> torch.Tens
                            None if weight.is_contiguous() else "weight is not contiguous")
     if reason:
         raise ValueError(reason)
-    if packed.dtype != torch.uint8 or packed.numel() != (weight.numel() + 7) // 8:
-        raise ValueError(f"packed must hold {(weight.numel() + 7) // 8} uint8 bytes for a weight of {weight.numel()} elements")
+    size = packed_size(weight.numel())
+    if packed.dtype != torch.uint8 or packed.numel() != size:
+        raise ValueError(f"packed must hold {size} uint8 bytes for a weight of {weight.numel()} elements")
     src = packed.contiguous()
     _C.apply_mask(weight.data_ptr(), _DTYPE_CODES[weight.dtype], weight.numel(), src.data_ptr(), _C.PACKED_BITS, _threads())
     return weight

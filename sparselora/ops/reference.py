@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
-from .masks import as_bool_keep
-from ._types import PruneThreshold, masks_under_threshold
+from .keys import order_keys
+from .masks import as_bool_keep, pack_bits
+from ._types import PruneThreshold, masks_under_threshold, raise_nonfinite
 
 __all__ = [
     "prune_threshold",
@@ -40,18 +40,17 @@ def _compare_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _keys(score: torch.Tensor, absolute: bool, dtype: torch.dtype) -> torch.Tensor:
-    key = score.to(dtype).reshape(-1)
-    return key.abs() if absolute else key
+def _values(score: torch.Tensor, absolute: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The values compared: ``score`` (or ``|score|``) in ``dtype``, exact for every score dtype."""
+    value = score.detach().to(dtype)
+    return value.abs() if absolute else value
 
 
 @register("prune_threshold", "reference", priority=REFERENCE_PRIORITY)
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
     dtype = _compare_dtype(scores)
-    flat = torch.cat([_keys(s.detach().cpu(), absolute, dtype) for s in scores])
-    bad = int((~torch.isfinite(flat)).sum())
-    if bad:
-        raise ValueError(f"scores contain {bad} NaN or inf values; scores must be finite")
+    flat = torch.cat([_values(s.cpu(), absolute, dtype).reshape(-1) for s in scores])
+    raise_nonfinite(int((~torch.isfinite(flat)).sum()))
     if k == 0:
         return PruneThreshold(float("-inf"), 0)
     value = torch.kthvalue(flat, k).values
@@ -63,8 +62,7 @@ def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> P
 def write_prune_mask(
     score: torch.Tensor, threshold: PruneThreshold, ties_left: int, absolute: bool, packed: bool = False
 ) -> tuple[torch.Tensor, int]:
-    dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
-    key = _keys(score.detach(), absolute, dtype)
+    key = _values(score, absolute, _compare_dtype([score])).reshape(-1)
     pruned = key < threshold.value
     used = 0
     if ties_left > 0:
@@ -74,12 +72,8 @@ def write_prune_mask(
         used = int(take.sum())
         pruned |= take
     keep = (~pruned).view(score.shape)
-    return (_pack(keep) if packed else keep), used
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> ceil(n/8) uint8 bytes, least significant bit first (on the CPU)."""
-    return torch.from_numpy(np.packbits(mask.cpu().reshape(-1).numpy(), bitorder="little"))
+    # packed bytes are for mask files: on the CPU whatever the score's device
+    return (pack_bits(keep.cpu()) if packed else keep), used
 
 
 @register("select_prune_mask", "reference", priority=REFERENCE_PRIORITY)
@@ -186,34 +180,13 @@ def adapter_grads(dy, x, lora_A, lora_B, scaling, mask, transposed: bool, weight
     return d_a, d_b, (g if weight_grad else g.new_empty(0))
 
 
-def _order_keys(score: torch.Tensor, absolute: bool) -> torch.Tensor:
-    """Order-preserving 32-bit keys (as int64) of ``score``'s fp32 values; -0 maps onto +0."""
-    bits = score.detach().float().reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    if absolute:
-        return bits & 0x7FFFFFFF
-    flipped = torch.where(bits >= 0x80000000, (~bits) & 0xFFFFFFFF, bits | 0x80000000)
-    return torch.where((bits & 0x7FFFFFFF) == 0, torch.full_like(bits, 0x80000000), flipped)
-
-
 @register("key_histogram", "reference", priority=REFERENCE_PRIORITY)
 def key_histogram(score: torch.Tensor, absolute: bool, high: int) -> torch.Tensor:
-    if score.numel() and not bool(torch.isfinite(score).all()):
-        raise ValueError("scores contain NaN or inf values; scores must be finite")
-    keys = _order_keys(score.cpu(), absolute)
+    raise_nonfinite(int((~torch.isfinite(score)).sum()))
+    keys = order_keys(score.cpu(), absolute)
     if high < 0:
         return torch.bincount(keys >> 16, minlength=65536)
     return torch.bincount(keys[(keys >> 16) == high] & 0xFFFF, minlength=65536)
-
-
-def _sort_keys(score: torch.Tensor, absolute: bool) -> torch.Tensor:
-    """A 2-D score's comparison keys: fp64 in fp64, every other dtype exactly in fp32."""
-    key = score.detach().to(torch.float64 if score.dtype == torch.float64 else torch.float32)
-    return key.abs() if absolute else key
-
-
-def _raise_nonfinite(count: int) -> None:
-    if count:
-        raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
 
 
 def _prune_first(key: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,8 +199,8 @@ def _prune_first(key: torch.Tensor, k: int) -> torch.Tensor:
 
 @register("nm_prune_mask", "reference", priority=REFERENCE_PRIORITY)
 def nm_prune_mask(score: torch.Tensor, n: int, m: int, absolute: bool) -> torch.Tensor:
-    key = _sort_keys(score, absolute)
-    _raise_nonfinite(int((~torch.isfinite(key)).sum()))
+    key = _values(score, absolute, _compare_dtype([score]))
+    raise_nonfinite(int((~torch.isfinite(key)).sum()))
     return _prune_first(key.reshape(-1, m), m - n).view(score.shape)
 
 
@@ -242,12 +215,12 @@ def check_prior_rows(prior: torch.Tensor, k: int) -> None:
 
 @register("row_prune_mask", "reference", priority=REFERENCE_PRIORITY)
 def row_prune_mask(score: torch.Tensor, k: int, absolute: bool, prior: torch.Tensor | None) -> torch.Tensor:
-    key = _sort_keys(score, absolute)
+    key = _values(score, absolute, _compare_dtype([score]))
     bad = ~torch.isfinite(key)
     if prior is not None:
         check_prior_rows(prior, k)
         bad &= prior
         # below every finite score: the stable sort puts prior's prunes first
         key = key.masked_fill(~prior, float("-inf"))
-    _raise_nonfinite(int(bad.sum()))
+    raise_nonfinite(int(bad.sum()))
     return _prune_first(key, k)

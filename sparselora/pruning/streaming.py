@@ -15,13 +15,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import ops
 from ..progress import bar_disabled
+from ..rules import check_sparsity
 from ..io.atomic import staging_dir, swap_directory
 from ..io.checkpoints import Checkpoint, StateDictSource, open_source
 from ..io.packed_masks import PackedMaskWriter, count_kept, write_mask_index
@@ -105,25 +106,17 @@ def stream_masks(
             raise ValueError("scope='global' needs one sparsity for every weight; got a per-layer mapping")
         total = sum(numel.values())
         k = ops.prune_count(total, values.pop())
-        # bf16 keys have a zero low half: the high-half bucket is the exact key, so the
-        # low-half pass is known without reading anything
-        bf16_only = all(source.dtype(t.name) == torch.bfloat16 for t in targets)
-        first: list[torch.Tensor] = []
 
         def histogram(high: int) -> torch.Tensor:
-            if high >= 0 and bf16_only:
-                counts = torch.zeros(65536, dtype=torch.int64)
-                counts[0] = first[0][high]
-                return counts
             counts = torch.zeros(65536, dtype=torch.int64)
             desc = "pass 1: histogram" if high < 0 else "pass 2: histogram"
             for t in tqdm(mine, desc=desc, **bar):
                 counts += _named(source, t.name, lambda w: ops.key_histogram(w, absolute=True, high=high), read(t.name))
-            counts = ranks.sum(counts)
-            first.append(counts)
-            return counts
+            return ranks.sum(counts)
 
-        threshold = ops.streaming_threshold(histogram, k, total, absolute=True)
+        # bf16 keys have a zero low half: a bf16 checkpoint is read once to find the cut
+        bf16 = all(source.dtype(t.name) == torch.bfloat16 for t in targets)
+        threshold = ops.streaming_threshold(histogram, k, total, absolute=True, bf16=bf16)
         quota = _tie_quota(read, targets, mine, threshold, ranks, bar)
         ties_left = threshold.ties
         for t in tqdm(mine, desc="last pass: masks", **bar):
@@ -148,6 +141,22 @@ def stream_masks(
     }
 
 
+def _tie_quotas(
+    threshold: ops.PruneThreshold, places: int, local: Iterable[tuple[int, torch.Tensor]],
+    all_sum: Callable[[torch.Tensor], torch.Tensor],
+) -> list[int]:
+    """How many scores equal to the cut each of ``places`` may prune, the group's ties going
+    to the earliest places. ``local`` yields (place, tensor) for this rank's tensors (read
+    only when the cut has ties); ``all_sum`` adds the tie counts of every rank in place."""
+    tied = torch.zeros(places, dtype=torch.int64)
+    if threshold.ties:
+        for place, tensor in local:
+            tied[place] = ops.keys.tie_count(lambda high: ops.key_histogram(tensor, absolute=True, high=high),
+                                             threshold, absolute=True)
+        all_sum(tied)
+    return ops.keys.tie_quotas(tied.tolist(), threshold.ties)
+
+
 def _tie_quota(read, targets, mine, threshold, ranks: Ranks, bar) -> dict[str, int] | None:
     """How many scores equal to the cut each target prunes: the group's ties go to the
     earliest targets in checkpoint order. None for one process, which walks every target
@@ -155,19 +164,13 @@ def _tie_quota(read, targets, mine, threshold, ranks: Ranks, bar) -> dict[str, i
     if ranks.world == 1:
         return None
     names = [t.name for t in targets]
-    equal = torch.zeros(len(names), dtype=torch.int64)
-    if threshold.ties:
-        key = torch.tensor([threshold.value], dtype=torch.float32).view(torch.int32).item() & 0x7FFFFFFF
-        high, low = key >> 16, key & 0xFFFF
-        position = {n: i for i, n in enumerate(names)}
+    position = {n: i for i, n in enumerate(names)}
+
+    def local():  # a generator: nothing is read, and no bar shown, when the cut has no ties
         for t in tqdm(mine, desc="ties", **bar):
-            equal[position[t.name]] = ops.key_histogram(read(t.name), absolute=True, high=high)[low]
-        ranks.sum(equal)
-    quota, remaining = {}, threshold.ties
-    for i, name in enumerate(names):
-        quota[name] = min(int(equal[i]), remaining)
-        remaining -= quota[name]
-    return quota
+            yield position[t.name], read(t.name)
+
+    return dict(zip(names, _tie_quotas(threshold, len(names), local(), ranks.sum)))
 
 
 # the shard each rank writes into a directory output, beside masks.safetensors.index.json
@@ -287,8 +290,6 @@ def compute_sharded_masks(
     """
     import torch.distributed as dist
 
-    from ..rules import check_sparsity
-
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("compute_sharded_masks needs an initialised torch.distributed process group")
     sparsity = check_sparsity(sparsity)
@@ -310,21 +311,12 @@ def compute_sharded_masks(
         return all_sum(counts)
 
     threshold = ops.streaming_threshold(histogram, k, total, absolute=True)
-    counts = [0] * len(names)
     max_names = int(all_sum(torch.tensor([len(names)], dtype=torch.int64)).item())  # room for every rank's list
-    equal = torch.zeros(world * max_names, dtype=torch.int64)
-    if threshold.ties:
-        key = torch.tensor([threshold.value], dtype=torch.float32).view(torch.int32).item() & 0x7FFFFFFF
-        for i, name in enumerate(names):
-            counts[i] = int(ops.key_histogram(local[name].cpu(), absolute=True, high=key >> 16)[key & 0xFFFF])
-            equal[rank * max_names + i] = counts[i]
-        all_sum(equal)
-    before = int(equal[: rank * max_names].sum())  # ties of earlier ranks come first
-    remaining = max(0, threshold.ties - before)
+    first = rank * max_names  # ties of earlier ranks come first
+    quotas = _tie_quotas(threshold, world * max_names,
+                         ((first + i, local[name].cpu()) for i, name in enumerate(names)), all_sum)
     masks = {}
     for i, name in enumerate(names):
-        quota = min(counts[i], remaining)
-        remaining -= quota
-        mask, _ = ops.write_prune_mask(local[name], threshold, quota, absolute=True)
+        mask, _ = ops.write_prune_mask(local[name], threshold, quotas[first + i], absolute=True)
         masks[name] = mask
     return masks

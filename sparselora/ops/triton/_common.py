@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from ..masks import as_bool_keep, check_keep_mask
+
 __all__ = ["triton_reason", "TRITON_PRIORITY", "DTYPES", "round_for", "device_guard", "interpreting", "keep_bytes"]
 
 TRITON_PRIORITY = 20
@@ -74,7 +76,5 @@ def keep_bytes(mask: torch.Tensor, shape) -> torch.Tensor:
     Anything else is an error: a float mask would be read as bytes and silently mean
     something else.
     """
-    from ..masks import as_bool_keep, check_keep_mask
-
     check_keep_mask(mask, tuple(shape))
     return as_bool_keep(mask, tuple(shape)).contiguous().view(torch.uint8)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
+from .._types import raise_nonfinite
 from ._common import TRITON_PRIORITY, device_guard, triton_reason
 
 __all__ = ["key_histogram", "score_keys", "histogram_counts", "TensorTable", "offsets_from"]
@@ -119,6 +120,5 @@ def _reason(score, absolute, high):
 @register("key_histogram", "triton", priority=TRITON_PRIORITY, check=_reason)
 def key_histogram(score: torch.Tensor, absolute: bool, high: int) -> torch.Tensor:
     counts = histogram_counts([score], absolute, high).cpu()  # one device-to-host copy
-    if int(counts[65536]):
-        raise ValueError(f"scores contain {int(counts[65536])} NaN or inf values; scores must be finite")
+    raise_nonfinite(int(counts[65536]))
     return counts[:65536]

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
+from .._types import raise_nonfinite
+from ..reference import check_prior_rows
 from ._common import TRITON_PRIORITY, device_guard, keep_bytes, triton_reason
 from .histogram import score_keys
 
@@ -128,12 +130,6 @@ def nm_block(m_pad: int) -> int:
     return max(1, NM_SCORES // (m_pad * m_pad))
 
 
-def _raise_nonfinite(bad: torch.Tensor) -> None:
-    count = int(bad.item())
-    if count:
-        raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
-
-
 def _rows_reason(score, *args):
     prior = args[-1] if args and isinstance(args[-1], torch.Tensor) else None
     return triton_reason(score, prior)
@@ -151,14 +147,12 @@ def nm_prune_mask(score: torch.Tensor, n: int, m: int, absolute: bool) -> torch.
         with device_guard(flat):
             _nm_kernel[(triton.cdiv(runs, block),)](flat, keep, bad, runs, m, m - n, M_PAD=m_pad,
                                                     ABSOLUTE=absolute, BLOCK=block)
-    _raise_nonfinite(bad)
+    raise_nonfinite(int(bad.item()))
     return keep.view(torch.bool)
 
 
 @register("row_prune_mask", "triton", priority=TRITON_PRIORITY, check=_rows_reason)
 def row_prune_mask(score: torch.Tensor, k: int, absolute: bool, prior: torch.Tensor | None) -> torch.Tensor:
-    from ..reference import check_prior_rows
-
     flat = score.detach().contiguous()
     rows, cols = flat.shape
     live = None
@@ -171,5 +165,5 @@ def row_prune_mask(score: torch.Tensor, k: int, absolute: bool, prior: torch.Ten
         with device_guard(flat):
             _row_kernel[(rows,)](flat, live if live is not None else keep, keep, bad, cols, k,
                                  ABSOLUTE=absolute, HAS_PRIOR=live is not None, BLOCK=ROW_BLOCK)
-    _raise_nonfinite(bad)
+    raise_nonfinite(int(bad.item()))
     return keep.view(torch.bool)

@@ -5,16 +5,16 @@ and one more settles them, lowest flat index first in group order, touching only
 blocks that hold ties. Each kernel reads a table of where the tensors start, so the launches
 do not grow with the number of tensors."""
 
-import struct
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from .._dispatch import register
-from .._types import PruneThreshold, masks_under_threshold
+from .._types import PruneThreshold, masks_under_threshold, raise_nonfinite
+from ..keys import key_of, streaming_cut
+from ..masks import pack_bits
 from ._common import TRITON_PRIORITY, device_guard, triton_reason
 from .histogram import BLOCK, MAX_TENSORS, TensorTable, histogram_counts, load_block, offsets_from, score_keys
 
@@ -70,10 +70,9 @@ def _settle_ties_kernel(
     tl.store(keep_ptr + base + at, 1 - (rank < ties_left).to(tl.uint8), mask=live & tie)
 
 
-def _key_of(value: float, absolute: bool) -> int:
-    """The cut's key as a signed int32 (same bits as the kernels' keys)."""
-    bits = struct.unpack("<I", struct.pack("<f", value))[0]
-    key = bits & 0x7FFFFFFF if absolute else (0x80000000 if bits & 0x7FFFFFFF == 0 else bits ^ (0xFFFFFFFF if bits >> 31 else 0x80000000))
+def _kernel_key(value: float, absolute: bool) -> int:
+    """The key of ``value`` as the kernels hold it: its uint32 bits in a signed int32."""
+    key = key_of(value, absolute)
     return key - 2**32 if key >= 2**31 else key
 
 
@@ -81,37 +80,19 @@ def _scores_reason(scores, *_args):
     return triton_reason(*scores)
 
 
-def _low_half_of_bf16(high_counts: torch.Tensor, high: int, absolute: bool) -> torch.Tensor:
-    """The second-pass histogram of bf16 scores, known without reading them again: a bf16
-    value's key has 0 in its low 16 bits, or 0xFFFF for a negative value's flipped key."""
-    low = torch.zeros(65536, dtype=torch.int64)
-    low[0xFFFF if (not absolute and high < 0x8000) else 0] = high_counts[high]
-    return low
-
-
 def _group_histogram(scores: Sequence[torch.Tensor], absolute: bool, high: int) -> torch.Tensor:
-    counts = histogram_counts(scores, absolute, high).cpu()  # one copy per pass for the whole group
-    if int(counts[65536]):
-        raise ValueError(f"scores contain {int(counts[65536])} NaN or inf values; scores must be finite")
+    """The group's 65536-bin key histogram on the host (one copy per pass for the whole
+    group); NaN/inf scores are refused."""
+    counts = histogram_counts(scores, absolute, high).cpu()
+    raise_nonfinite(int(counts[65536]))
     return counts[:65536]
 
 
 @register("prune_threshold", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
 def prune_threshold(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> PruneThreshold:
-    from .. import streaming_threshold
-
-    total = sum(s.numel() for s in scores)
-    first: list[torch.Tensor] = []
-    one_pass = bool(scores) and all(s.dtype == torch.bfloat16 for s in scores)
-
-    def histogram(high: int) -> torch.Tensor:
-        if high >= 0 and one_pass:
-            return _low_half_of_bf16(first[0], high, absolute)
-        counts = _group_histogram(scores, absolute, high)
-        first.append(counts)
-        return counts
-
-    return streaming_threshold(histogram, k, total, absolute=absolute)
+    # bf16 keys have nothing in their low half: one histogram pass finds the cut
+    bf16 = bool(scores) and all(s.dtype == torch.bfloat16 for s in scores)
+    return streaming_cut(lambda high: _group_histogram(scores, absolute, high), k, absolute, bf16=bf16)
 
 
 def _write_reason(score, *_args):
@@ -126,7 +107,7 @@ def _write_masks(scores: Sequence[torch.Tensor], threshold: PruneThreshold, ties
     keeps = [torch.empty(n, dtype=torch.uint8, device=table.device) for n in table.sizes]
     used = 0
     if table.blocks:
-        cut = _key_of(threshold.value, absolute)
+        cut = _kernel_key(threshold.value, absolute)
         keep_offsets = offsets_from(keeps)
         ties = torch.zeros(len(keeps), table.blocks, dtype=torch.int32, device=table.device)
         with device_guard(ties):
@@ -146,9 +127,10 @@ def write_prune_mask(
 ) -> tuple[torch.Tensor, int]:
     if threshold.value == float("-inf"):
         keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
-        return (reference._pack(keep) if packed else keep), 0
+        return (pack_bits(keep.cpu()) if packed else keep), 0
     (mask,), used = _write_masks([score], threshold, ties_left, absolute)
-    return (reference._pack(mask) if packed else mask), used
+    # packed bytes are for mask files: on the CPU, as every backend returns them
+    return (pack_bits(mask.cpu()) if packed else mask), used
 
 
 @register("select_prune_mask", "triton", priority=TRITON_PRIORITY, check=_scores_reason)
