@@ -68,6 +68,21 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(config)
 
 
+# a ModelZoo 2.10 trainer config as the seed document writes it (the base of Cerebras configs)
+LLAMA_BASE_CONFIG = {
+    "trainer": {
+        "init": {
+            "backend": {"backend_type": "CSX"},
+            "model": {"name": "llama", "hidden_size": 2048, "num_hidden_layers": 16},
+            "optimizer": {"AdamW": {"lr": 1e-4}},
+            "loop": {"max_steps": 100},
+            "checkpoint": {"steps": 50},
+        },
+        "fit": {"train_dataloader": {"data_processor": "GptHDF5MapDataProcessor", "batch_size": 8}},
+    }
+}
+
+
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
     import importlib.util

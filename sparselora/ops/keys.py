@@ -2,7 +2,7 @@
 
 This is the one host-side codec: the reference backend, the Triton launchers, the ops'
 public functions and the streaming masks all use it. (The C++ kernels and the bodies of the
-Triton kernels compute the same keys in their own languages; tests/test_ops_keys.py holds
+Triton kernels compute the same keys in their own languages; tests/ops/test_ops_keys.py holds
 the kernels' histograms to :func:`order_keys`.)
 
 A key is a 32-bit unsigned integer (held in an int64 tensor or a Python int) made from a

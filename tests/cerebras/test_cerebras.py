@@ -18,7 +18,7 @@ from sparselora.cerebras import SparseMaskCallback, check_trainer_config, create
 from sparselora.cerebras.schema import CHECKPOINT_KEYS, INIT_KEYS, LORA_KEYS, SPARSITY_KEYS, TRAINER_KEYS
 from sparselora.pruning.mask_generator import compute_unstructured_mask
 from sparselora.pruning.mask_ops import save_mask
-from test_seed_examples import LLAMA_BASE_CONFIG
+from conftest import LLAMA_BASE_CONFIG
 
 
 @pytest.fixture
@@ -327,7 +327,7 @@ def test_modelzoo_checkpoint_without_cerebras_pytorch_is_a_clear_error(tmp_path)
 
     path = tmp_path / "model.mdl"
     path.write_bytes(b"not read")
-    if MODELZOO_AVAILABLE:  # the ModelZoo environment reads .mdl files (tests/modelzoo)
+    if MODELZOO_AVAILABLE:  # the ModelZoo environment reads .mdl files (tests/cerebras/modelzoo)
         with pytest.raises(ValueError, match="could not be read"):
             Checkpoint(path)
     else:

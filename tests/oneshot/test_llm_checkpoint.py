@@ -152,7 +152,7 @@ def test_two_ranks_equal_one_process(checkpoint, tmp_path, method, count):
     os.symlink(checkpoint, tmp_path / "ckpt")
     single = prune_checkpoint(checkpoint, tmp_path / "single", method, 0.5, calibration_data=data,
                               owl=method == "wanda", progress=False)
-    run_torchrun("prune_worker.py", tmp_path, 2)
+    run_torchrun("oneshot/prune_worker.py", tmp_path, 2)
     masks_single, _ = load_mask(single["masks"])
     masks_dist, _ = load_mask(tmp_path / "distributed" / "masks.safetensors")
     assert masks_single.keys() == masks_dist.keys()
@@ -166,7 +166,7 @@ def test_prune_command_under_torchrun_equals_one_process(checkpoint, tmp_path, c
     os.symlink(checkpoint, tmp_path / "ckpt")
     assert main(["prune", str(checkpoint), "--method", "sparsegpt", "--samples", "16", "--seq-len", "16",
                  "--no-progress", "-o", str(tmp_path / "single")]) == 0  # two batches of 8, one per rank
-    run_torchrun("prune_worker.py", tmp_path, 2)
+    run_torchrun("oneshot/prune_worker.py", tmp_path, 2)
     single, _ = load_mask(tmp_path / "single" / "masks.safetensors")
     dist, _ = load_mask(tmp_path / "distributed" / "masks.safetensors")
     assert single.keys() == dist.keys() and all(torch.equal(single[k], dist[k]) for k in single)

@@ -4,7 +4,7 @@ Opt-in (marker ``modelzoo``, deselected by default): run in the environment that
 ``shared/cerebras/build_modelzoo_env.sh`` builds, with sparselora installed there::
 
     /tmp/cszoo/venv/bin/pip install --no-build-isolation --no-deps -e .
-    /tmp/cszoo/venv/bin/python -m pytest -m modelzoo tests/modelzoo -v
+    /tmp/cszoo/venv/bin/python -m pytest -m modelzoo tests/cerebras/modelzoo -v
 
 A tiny llama (ModelZoo's own model class) is built from a config, its initial state saved
 as a ModelZoo checkpoint, pruned by sparselora (masks + zeros baked in), and trained for 4

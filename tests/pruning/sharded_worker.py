@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_checkpoints.py: masks of this rank's shards, saved for comparison."""
+"""torchrun worker for tests/pruning/test_checkpoints.py: masks of this rank's shards, saved for comparison."""
 
 import sys
 

@@ -155,7 +155,7 @@ def test_distributed_ranks_equal_one_process(tmp_path):
     single = tmp_path / "single.safetensors"
     compute_checkpoint_masks(folder, 0.55, single, progress=False)
     out = tmp_path / "dist"
-    run_torchrun("sharded_worker.py", tmp_path, 3)
+    run_torchrun("pruning/sharded_worker.py", tmp_path, 3)
     shards = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(3)]
     flat = [t for shard in shards for t in shard.values()]
     from sparselora import ops

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 import sparselora.ops
+from conftest import LLAMA_BASE_CONFIG
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -379,20 +380,6 @@ def test_example_3_sparse_to_sparse(tmp_path, monkeypatch, capsys):
 
 
 # --- Cerebras integration ----------------------------------------------------------------
-
-
-LLAMA_BASE_CONFIG = {
-    "trainer": {
-        "init": {
-            "backend": {"backend_type": "CSX"},
-            "model": {"name": "llama", "hidden_size": 2048, "num_hidden_layers": 16},
-            "optimizer": {"AdamW": {"lr": 1e-4}},
-            "loop": {"max_steps": 100},
-            "checkpoint": {"steps": 50},
-        },
-        "fit": {"train_dataloader": {"data_processor": "GptHDF5MapDataProcessor", "batch_size": 8}},
-    }
-}
 
 
 def test_cerebras_example(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_ddp.py: sparse LoRA under DistributedDataParallel (gloo).
+"""torchrun worker for tests/integration/test_ddp.py: sparse LoRA under DistributedDataParallel (gloo).
 
 Every rank builds the same tiny Llama (same seed), the same 60% magnitude masks, wraps it
 with sparse LoRA and DDP (``broadcast_buffers=True``, the default), and trains 5 AdamW steps
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 from conftest import tiny_llama  # noqa: E402
 
 from sparselora.lora import (  # noqa: E402

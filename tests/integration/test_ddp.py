@@ -1,4 +1,4 @@
-"""Sparse LoRA under DistributedDataParallel: 2 gloo ranks (torchrun, tests/ddp_worker.py),
+"""Sparse LoRA under DistributedDataParallel: 2 gloo ranks (torchrun, tests/integration/ddp_worker.py),
 different data per rank, 5 AdamW steps, both sparsity modes.
 
 Checked here on what the ranks wrote: identical parameters on every rank (and equal to one
@@ -21,7 +21,7 @@ MODES = ("sparse_to_dense", "sparse_to_sparse")
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    run_torchrun("ddp_worker.py", out, 2)
+    run_torchrun("integration/ddp_worker.py", out, 2)
     results = {mode: [torch.load(out / f"{mode}-rank{r}.pt", weights_only=True) for r in range(2)] for mode in MODES}
     summary = {
         mode: {k: results[mode][0][k] for k in ("broadcast_bytes_per_step", "ddp_synced_buffers", "mask_packed_bytes",

@@ -1,6 +1,6 @@
 """torchrun worker: sequential pruning of a checkpoint with the batches split over ranks.
 
-Usage: torchrun --nproc_per_node=N tests/prune_worker.py OUT_DIR, where OUT_DIR/ckpt holds
+Usage: torchrun --nproc_per_node=N tests/oneshot/prune_worker.py OUT_DIR, where OUT_DIR/ckpt holds
 the checkpoint, OUT_DIR/method.txt the method ("cli": run ``sparselora prune`` instead) and
 OUT_DIR/batches.pt the calibration batches (every rank gets the full list; each takes its
 share). Writes OUT_DIR/distributed.
