@@ -19,6 +19,7 @@ from sparselora.cli.command import Command, Input, Output
 from sparselora.cli.commands import masks as masks_command
 from sparselora.cli.commands import prune as prune_command
 from sparselora.pruning.oneshot import MethodRule, Gathers, magnitude_score, mask_and_zero, method_names, register_method, unregister_method
+from sparselora.pruning.oneshot.owl import check_lambda
 from sparselora.pruning.streaming import compute_checkpoint_masks
 from sparselora.rules import check_dropout, check_nm, check_positive_int, check_sparsity
 
@@ -71,6 +72,7 @@ REFUSALS = [
     ("prune", ["--nm", "4:4"], lambda: check_nm(4, 4, "--nm")),
     ("prune", ["--nm", "0:4"], lambda: check_nm(0, 4, "--nm")),
     ("prune", ["--sparsity", "1.0000001"], lambda: check_sparsity(1.0000001, "--sparsity")),
+    ("prune", ["--owl-lambda", "0.7"], lambda: check_lambda(0.7, "--owl-lambda")),
     ("demo", ["--dense-steps", "0"], lambda: check_positive_int(0, "--dense-steps")),
     ("demo", ["--lora-steps", "0"], lambda: check_positive_int(0, "--lora-steps")),
     ("demo", ["--rank", "0"], lambda: check_positive_int(0, "--rank")),

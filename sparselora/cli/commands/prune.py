@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ...pruning.calibration import read_text
 from ...pruning.oneshot import method_names, prune_checkpoint
-from ...rules import check_choice, check_nm, check_number, check_positive_int
+from ...pruning.oneshot.owl import check_lambda
+from ...rules import check_choice, check_nm, check_positive_int
 from ..arguments import add_overwrite_option, add_progress_option, checked, integer, progress, ratio, sparsity
 from ..command import Command, Input, Output
 from ..outputs import Outputs
@@ -26,10 +27,6 @@ def _nm(pair: tuple[int, int], flag: str) -> tuple[int, int]:
     return check_nm(*pair, flag)
 
 
-def _owl_lambda(value: float, flag: str) -> float:
-    return check_number(value, flag, low=0.0, high=1.0)
-
-
 _samples = checked(check_positive_int, "--samples", integer)
 _seq_len = checked(check_positive_int, "--seq-len", integer)
 
@@ -43,8 +40,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     level.add_argument("--sparsity", type=sparsity, help="fraction pruned in every block weight (default 0.5)")
     level.add_argument("--nm", type=checked(_nm, "--nm", ratio), metavar="N:M", help="N:M masks instead, e.g. 2:4")
     parser.add_argument("--owl", action="store_true", help="OWL: per-block sparsity from outlier ratios, mean = --sparsity")
-    parser.add_argument("--owl-lambda", type=checked(_owl_lambda, "--owl-lambda"), default=0.08,
-                        help="OWL spread: at most 2*lambda (default 0.08)")
+    parser.add_argument("--owl-lambda", type=checked(check_lambda, "--owl-lambda"), default=0.08,
+                        help="OWL spread: at most 2*lambda, lambda in [0, 0.5] (default 0.08)")
     parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 calibration text (default: built-in text)")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--samples", type=_samples, default=128, help="calibration windows (default 128)")
