@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.masks import check_keep_mask, pack_bits, unpack_bits
-from ..pruning._targets import is_hf_conv1d as is_conv1d
+from ..pruning.targets import is_hf_conv1d as is_conv1d
 from .config import SparseLoRAConfig
 
 __all__ = ["SparseLoRALinear", "is_conv1d", "autocast_dtype"]

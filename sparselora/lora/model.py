@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..io.mask_files import as_bool_mask
-from ..pruning._targets import normalise_mask_keys, refuse_peft_model
+from ..pruning.targets import normalise_mask_keys, refuse_peft_model
 from ..pruning.mask_generator import compute_unstructured_mask
 from ..pruning.mask_ops import apply_masks_to_model
 from .config import SparseLoRAConfig

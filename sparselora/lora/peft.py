@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save
 
 from ..io.atomic import atomic_write_bytes
-from ..pruning._targets import is_peft_model
+from ..pruning.targets import is_peft_model
 from .config import SparseLoRAConfig
 from .model import apply_sparse_lora, sparse_lora_layers
 

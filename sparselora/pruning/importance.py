@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..progress import bar_disabled
-from ._targets import is_hf_conv1d, model_targets
+from .targets import is_hf_conv1d, model_targets
 
 __all__ = [
     "magnitude_importance",

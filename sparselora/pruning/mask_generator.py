@@ -22,7 +22,7 @@ from .. import ops
 from ..rules import check_bool, check_choice, check_int, check_nm, check_number, check_positive_int, is_int
 from ..progress import bar_disabled
 from . import importance as imp
-from ._targets import (
+from .targets import (
     SparsitySpec,
     Target,
     check_sparsity,

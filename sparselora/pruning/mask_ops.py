@@ -14,7 +14,7 @@ from .. import ops
 from ..rules import check_nm, check_number, check_positive_int, check_sparsity
 from ..io.atomic import atomic_open
 from ..io.mask_files import MASK_FORMATS, as_bool_mask, read_masks, write_masks
-from ._targets import normalise_mask_keys
+from .targets import normalise_mask_keys
 
 __all__ = [
     "validate_mask",

@@ -28,7 +28,7 @@ from ..io.checkpoints import Checkpoint, StateDictSource, open_source
 from ..io.packed_masks import PackedMaskWriter, count_kept, write_mask_index
 from ..io.paths import check_apart
 from ..distributed import Ranks, owners
-from ._targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity, warn_overpruned
+from .targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity, warn_overpruned
 
 __all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES", "MASK_SHARD_NAME"]
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_torchrun
-from sparselora.pruning._targets import state_dict_targets
+from sparselora.pruning.targets import state_dict_targets
 from sparselora.pruning.checkpoint_ops import apply_masks_to_checkpoint, validate_checkpoint_masks
 from sparselora.io.checkpoints import Checkpoint
 from sparselora.pruning.mask_generator import masks_from_scores

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ...io.checkpoints import Checkpoint
 from ...io.safetensors import SafetensorsReader, SafetensorsWriter
-from .._targets import Target, filter_targets, is_hf_conv1d, model_targets
+from ..targets import Target, filter_targets, is_hf_conv1d, model_targets
 
 __all__ = ["BlockSource", "InMemoryBlocks", "CheckpointBlocks", "find_decoder_blocks", "block_targets", "meta_model"]
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ...distributed import Ranks
 from ...progress import bar_disabled
-from .._targets import Target
+from ..targets import Target
 from .activations import ActivationStore, capture_block_inputs
 from .blocks import BlockSource, block_targets
 from .owl import outlier_ratio, owl_sparsities
