@@ -69,7 +69,7 @@ def child(kind: str, folder: Path, out: Path) -> dict:
         return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "pruned": summary["total_pruned"]}
     from safetensors.torch import load_file
 
-    from sparselora.pruning._targets import state_dict_targets
+    from sparselora.pruning.targets import state_dict_targets
     from sparselora.pruning.mask_generator import masks_from_scores
 
     state = {}
