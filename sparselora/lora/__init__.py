@@ -8,31 +8,9 @@ above the pruning core (it takes masks from it) and below ``sparselora.cerebras`
 
 from .config import SPARSITY_MODES, SparseLoRAConfig, check_lora_args
 from .layer import SparseLoRALinear
-from .model import (
-    apply_sparse_lora,
-    broadcast_masks,
-    merge_all_lora_weights,
-    merge_report,
-    print_trainable_parameters,
-    sparse_lora_layers,
-    trainable_parameters,
-    validate_sparsity_preserved,
-)
+from . import model
+from .model import *  # noqa: F401,F403 - apply / merge / validate, listed in model.__all__
 from .peft import export_peft_adapter, from_peft_adapter
 
-__all__ = [
-    "SparseLoRAConfig",
-    "SparseLoRALinear",
-    "apply_sparse_lora",
-    "merge_all_lora_weights",
-    "validate_sparsity_preserved",
-    "merge_report",
-    "broadcast_masks",
-    "sparse_lora_layers",
-    "trainable_parameters",
-    "print_trainable_parameters",
-    "export_peft_adapter",
-    "from_peft_adapter",
-    "check_lora_args",
-    "SPARSITY_MODES",
-]
+__all__ = ["SparseLoRAConfig", "SparseLoRALinear", *model.__all__, "export_peft_adapter", "from_peft_adapter",
+           "check_lora_args", "SPARSITY_MODES"]

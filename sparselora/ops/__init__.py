@@ -16,36 +16,7 @@ from . import triton as _triton_backend  # noqa: F401
 from . import keys, masks  # noqa: F401  - public modules: the key codec and the bit packing
 from ._dispatch import BackendUnavailableError, last_backend, registered_backends
 from ._types import PruneThreshold
-from .api import (
-    apply_mask_,
-    key_histogram,
-    masked_lora_linear,
-    masked_lora_weight,
-    merge_lora_,
-    nm_prune_mask,
-    prune_count,
-    prune_threshold,
-    row_prune_mask,
-    select_prune_mask,
-    streaming_threshold,
-    write_prune_mask,
-)
+from . import api
+from .api import *  # noqa: F401,F403 - the checked public functions, listed in api.__all__
 
-__all__ = [
-    "PruneThreshold",
-    "BackendUnavailableError",
-    "prune_count",
-    "prune_threshold",
-    "write_prune_mask",
-    "select_prune_mask",
-    "nm_prune_mask",
-    "row_prune_mask",
-    "key_histogram",
-    "streaming_threshold",
-    "apply_mask_",
-    "merge_lora_",
-    "masked_lora_weight",
-    "masked_lora_linear",
-    "last_backend",
-    "registered_backends",
-]
+__all__ = ["PruneThreshold", "BackendUnavailableError", *api.__all__, "last_backend", "registered_backends"]

@@ -12,39 +12,14 @@ from .checkpoint import MASKS_FILE, prune_checkpoint
 from .engine import run_sequential
 from .model import prune_model
 from .owl import OWL_LAMBDA, OWL_THRESHOLD, outlier_ratio, owl_sparsities
-from .plan import (
-    Gathers,
-    MethodRule,
-    PruningPlan,
-    WeightToPrune,
-    magnitude_score,
-    make_plan,
-    mask_and_zero,
-    method_names,
-    method_rule,
-    obs_update,
-    register_method,
-    unregister_method,
-    wanda_score,
-)
+from . import plan
+from .plan import *  # noqa: F401,F403 - the plan and the method table, listed in plan.__all__
 from .sparsegpt import GramAccumulator, sparsegpt_prune_
 
 __all__ = [
     "prune_model",
     "prune_checkpoint",
-    "PruningPlan",
-    "make_plan",
-    "MethodRule",
-    "Gathers",
-    "WeightToPrune",
-    "register_method",
-    "unregister_method",
-    "method_rule",
-    "method_names",
-    "magnitude_score",
-    "wanda_score",
-    "mask_and_zero",
-    "obs_update",
+    *plan.__all__,
     "run_sequential",
     "BlockSource",
     "InMemoryBlocks",
