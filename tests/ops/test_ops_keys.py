@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparselora.ops import keys
-from sparselora.ops._types import PruneThreshold
+from sparselora.ops import PruneThreshold, cpp, keys, reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -73,3 +72,56 @@ def test_streaming_cut_is_the_kth_smallest_score(dtype, absolute):
 def test_tie_quotas_go_to_the_earliest_places():
     assert keys.tie_quotas([3, 0, 5, 2], 6) == [3, 0, 3, 0]
     assert keys.tie_quotas([1, 1], 0) == [0, 0]
+
+
+def every_value(dtype: torch.dtype) -> torch.Tensor:
+    """Every bit pattern of a 16-bit float dtype but the NaNs."""
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return values[~torch.isnan(values)]
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_value_sorts_like_the_scores(dtype, absolute):
+    scores = every_value(dtype)
+    key = keys.order_keys(scores, absolute)
+    order_of = (scores.abs() if absolute else scores).float()
+    assert torch.equal(order_of[torch.sort(key, stable=True).indices], torch.sort(order_of, stable=True).values)
+    # one key per value: only -0 and +0 (and |x| and -|x| for absolute keys) share one
+    assert torch.unique(key).numel() == torch.unique(order_of).numel()
+    for value in scores[::997].tolist():  # the scalar codec is the tensor one, and inverts it
+        key_of = keys.key_of(value, absolute)
+        assert key_of == int(keys.order_keys(torch.tensor([value], dtype=dtype), absolute)[0])
+        assert keys.value_of(key_of, absolute) == (abs(value) if absolute else value) + 0.0  # -0 comes back +0
+
+
+def test_fp64_values_are_keyed_after_rounding_to_fp32():
+    values = [1.0 + 2.0**-30, -(1.0 + 2.0**-30), 1e-300, 3.0e38]
+    for value in values:
+        for absolute in (False, True):
+            assert keys.key_of(value, absolute) == keys.key_of(float(torch.tensor(value).float()), absolute)
+    assert keys.key_of(1e300, False) == keys.key_of(float("inf"), False)  # beyond fp32: inf, as .float() gives
+
+
+def test_nan_lies_beyond_inf_by_its_sign():
+    nan, neg_nan = float("nan"), -float("nan")
+    assert keys.key_of(nan, False) > keys.key_of(float("inf"), False)
+    assert keys.key_of(neg_nan, False) < keys.key_of(float("-inf"), False)
+    assert keys.key_of(neg_nan, True) > keys.key_of(float("inf"), True)
+    assert keys.value_of(keys.key_of(nan, False), False) != keys.value_of(keys.key_of(nan, False), False)
+    # the ops never key a NaN: they refuse it first
+    with pytest.raises(ValueError, match="1 NaN or inf"):
+        reference.key_histogram(torch.tensor([1.0, nan]), False, -1)
+
+
+@pytest.mark.skipif(not cpp.available(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cpp_kernel_keys_are_the_codec_keys(dtype, absolute):
+    scores = awkward_scores(dtype)
+    scores = scores[torch.isfinite(scores)]
+    key = keys.order_keys(scores, absolute)
+    assert torch.equal(cpp.key_histogram(scores, absolute, -1), torch.bincount(key >> 16, minlength=65536))
+    high = int(key[3]) >> 16
+    assert torch.equal(cpp.key_histogram(scores, absolute, high),
+                       torch.bincount(key[(key >> 16) == high] & 0xFFFF, minlength=65536))
