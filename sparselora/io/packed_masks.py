@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Union
 import numpy as np
 import torch
 
-from ..ops.masks import pack_bits, unpack_bits
+from ..ops.masks import pack_bits, packed_size, unpack_bits
 from .atomic import atomic_write_bytes
 from .paths import contained
 from .safetensors import SafetensorsReader, SafetensorsWriter
@@ -67,8 +67,8 @@ def unpack(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     """Inverse of :func:`pack`."""
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise ValueError(f"packed mask has {packed.numel()} {packed.dtype} bytes; shape {shape} needs {(n + 7) // 8} uint8")
+    if packed.dtype != torch.uint8 or packed.numel() != packed_size(n):
+        raise ValueError(f"packed mask has {packed.numel()} {packed.dtype} bytes; shape {shape} needs {packed_size(n)} uint8")
     return unpack_bits(packed, shape)
 
 
@@ -77,7 +77,7 @@ class PackedMaskWriter:
 
     def __init__(self, path: PathLike, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, Any] | None = None):
         self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
-        layout = [(name, torch.uint8, ((int(np.prod(shape, dtype=np.int64)) + 7) // 8,)) for name, shape in self.shapes.items()]
+        layout = [(name, torch.uint8, (packed_size(int(np.prod(shape, dtype=np.int64))),)) for name, shape in self.shapes.items()]
         header = {
             "format": PACKED_FORMAT,
             "bit_order": "little",
@@ -134,8 +134,8 @@ def packed_header(reader: SafetensorsReader) -> tuple[dict[str, list[int]], list
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ValueError(f"{where}: mask {name!r} has shape {shape!r}; dims must be integers >= 0")
         n = int(np.prod(shape, dtype=np.int64))
-        if reader.dtype(name) != torch.uint8 or reader.shape(name) != ((n + 7) // 8,):
-            raise ValueError(f"{where}: mask {name!r} must be {(n + 7) // 8} U8 bytes for shape {shape}, "
+        if reader.dtype(name) != torch.uint8 or reader.shape(name) != (packed_size(n),):
+            raise ValueError(f"{where}: mask {name!r} must be {packed_size(n)} U8 bytes for shape {shape}, "
                              f"found {reader.dtype(name)} {list(reader.shape(name))}")
     return shapes, order, metadata
 
