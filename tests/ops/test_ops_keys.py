@@ -114,7 +114,6 @@ def test_nan_lies_beyond_inf_by_its_sign():
         reference.key_histogram(torch.tensor([1.0, nan]), False, -1)
 
 
-@pytest.mark.skipif(not cpp.available(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_cpp_kernel_keys_are_the_codec_keys(dtype, absolute):
