@@ -165,17 +165,20 @@ def filter_targets(
     targets: list[Target],
     include: Union[str, Sequence[str], None] = None,
     exclude: Union[str, Sequence[str], None] = None,
+    *,
+    require_matches: bool = True,
 ) -> list[Target]:
     """Keep targets matching any ``include`` glob (all when None) and no ``exclude`` glob.
 
     Globs match the parameter name or the module name (``"*.attention.*"``, ``"lm_head"``).
+    An ``include`` glob matching none of ``targets`` is refused unless ``require_matches``
+    is False (``targets`` is then a part of the model, checked whole elsewhere).
     """
     inc = _as_pattern_list(include, "include")
     exc = _as_pattern_list(exclude, "exclude")
-    for arg, patterns in (("include", inc),):
-        for p in patterns:
-            if not any(_matches(t, p) for t in targets):
-                raise ValueError(f"{arg} pattern {p!r} matches no prunable weight")
+    for p in inc if require_matches else []:
+        if not any(_matches(t, p) for t in targets):
+            raise ValueError(f"include pattern {p!r} matches no prunable weight")
     kept = [t for t in targets if (not inc or any(_matches(t, p) for p in inc))]
     return [t for t in kept if not any(_matches(t, p) for p in exc)]
 

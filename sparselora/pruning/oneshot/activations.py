@@ -25,7 +25,7 @@ class ActivationStore:
     """The current inputs of a block, one tensor per calibration batch, in memory or on disk
     (files under ``folder``, named by ``generation`` so that two stores can share it)."""
 
-    def __init__(self, folder: Path | None, generation: int) -> None:
+    def __init__(self, folder: Path | None, generation: int | str) -> None:
         self.folder, self.generation = folder, generation
         self.items: list[Any] = []
 

@@ -23,7 +23,8 @@ from ...io.checkpoints import Checkpoint
 from ...io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..targets import Target, filter_targets, is_hf_conv1d, model_targets
 
-__all__ = ["BlockSource", "InMemoryBlocks", "CheckpointBlocks", "find_decoder_blocks", "block_targets", "meta_model"]
+__all__ = ["BlockSource", "InMemoryBlocks", "CheckpointBlocks", "find_decoder_blocks", "block_targets",
+           "decoder_targets", "meta_model"]
 
 Globs = Union[str, Sequence[str], None]
 
@@ -50,10 +51,18 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_targets(block: nn.Module, prefix: str, include: Globs = None, exclude: Globs = None) -> list[Target]:
     """The weights of ``block`` that are pruned, named from the model's root (``prefix`` is the
-    block's path, ``"model.layers.3"``), narrowed by the ``include`` / ``exclude`` globs."""
+    block's path, ``"model.layers.3"``), narrowed by the ``include`` / ``exclude`` globs (an
+    ``include`` glob may match nothing in one block: :func:`decoder_targets` checks them)."""
     local = model_targets(block)
     named = [Target(f"{prefix}.{t.name}", f"{prefix}.{t.module_name}", t.weight, t.out_dim) for t in local]
-    return filter_targets(named, include, exclude)
+    return filter_targets(named, include, exclude, require_matches=False)
+
+
+def decoder_targets(blocks: nn.ModuleList, prefix: str, include: Globs = None, exclude: Globs = None) -> list[Target]:
+    """The pruned weights of every block (on the meta device for a checkpoint's skeleton);
+    an ``include`` glob matching none of them is refused."""
+    everything = [t for i, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{i}")]
+    return filter_targets(everything, include, exclude)
 
 
 class BlockSource(Protocol):

@@ -35,7 +35,7 @@ from ...io.packed_masks import PackedMaskWriter
 from ...io.paths import check_apart
 from ..calibration import calibration_batches
 from ..checkpoint_ops import rewrite_checkpoint
-from .blocks import CheckpointBlocks, block_targets, find_decoder_blocks, meta_model
+from .blocks import CheckpointBlocks, decoder_targets, find_decoder_blocks, meta_model
 from .engine import run_sequential
 from .plan import PruningPlan, make_plan
 
@@ -135,8 +135,7 @@ def prune_checkpoint(
     try:
         blocks_source = CheckpointBlocks(model, prefix, blocks, source, compute_dtype, spill, plan.include,
                                          plan.exclude)
-        shapes = {t.name: tuple(t.weight.shape) for i in range(len(blocks))
-                  for t in block_targets(blocks[i], f"{prefix}.{i}", plan.include, plan.exclude)}
+        shapes = {t.name: tuple(t.weight.shape) for t in decoder_targets(blocks, prefix, plan.include, plan.exclude)}
         masks_path = spill / MASKS_FILE if spill is not None else None
         mask_writer = PackedMaskWriter(masks_path, shapes, {"method": method, "sparsity": sparsity,
                                                             "nm": options.get("nm"),

@@ -34,6 +34,7 @@ from .activations import ActivationStore, capture_block_inputs
 from .blocks import BlockSource, block_targets
 from .owl import outlier_ratio, owl_sparsities
 from .plan import PruningPlan, WeightToPrune, wanda_score
+from .reconstruct import reconstruct_block
 from .sparsegpt import GramAccumulator
 
 __all__ = ["run_sequential"]
@@ -125,24 +126,57 @@ def run_sequential(
         summary["sparsities"] = sparsities
         inputs = ActivationStore(folder, 0)
         extras = capture_block_inputs(model, source, mine, inputs) if plan.needs_data else []
+        recon = plan.reconstruct
+        # the dense model's block inputs, carried beside the pruned ones when they are the target
+        dense_inputs = inputs if recon is not None and recon.target == "dense" else None
+        if recon is not None:
+            summary["reconstruction"] = []
         bar = tqdm(range(len(source)), desc=f"prune ({plan.method})", unit="block", disable=bar_disabled(progress))
         for index in bar:
             block = source.load(index)
             targets = block_targets(block, f"{prefix}.{index}", plan.include, plan.exclude)
+            goal = None  # what the reconstruction trains the pruned block towards
+            if recon is not None:
+                goal = ActivationStore(folder, f"goal-{index}")
+                if dense_inputs is not None:
+                    _forward(block, dense_inputs, extras, goal)
             stats: dict[str, GramAccumulator] = {}
             if rule.needs_data and targets:
-                stats = _gather(block, f"{prefix}.{index}", targets, inputs, extras, full=rule.gathers.full)
+                # with the pruned inputs as the target, the statistics pass gives it for free
+                fill = goal if goal is not None and dense_inputs is None else None
+                stats = _gather(block, f"{prefix}.{index}", targets, inputs, extras, full=rule.gathers.full,
+                                next_inputs=fill)
                 _sum_stats(stats, ranks)
+            elif goal is not None and dense_inputs is None:
+                _forward(block, inputs, extras, goal)
             masks = {t.name: rule.update(WeightToPrune(t.name, t.weight.data, t.out_dim, stats.get(t.name),
                                                        sparsities[index], plan), rule.score)
                      for t in targets}
+            del stats
+            if goal is not None and targets:
+                def report(text: str, index: int = index) -> None:
+                    bar.set_postfix_str(f"block {index}: {text}", refresh=True)
+
+                summary["reconstruction"].append(reconstruct_block(
+                    block, targets, masks, inputs, goal, extras, recon, batch_count=len(batches),
+                    block_index=index, ranks=ranks, report=report))
             outputs = ActivationStore(folder, index + 1)
             if plan.needs_data and index + 1 < len(source):
                 _forward(block, inputs, extras, outputs)
+            if dense_inputs is not None and goal is not None:
+                # the dense block's outputs are the next block's dense inputs
+                if dense_inputs is not inputs:
+                    dense_inputs.discard()
+                dense_inputs, goal = goal, None
+            elif goal is not None:
+                goal.discard()
             inputs.discard()
             inputs = outputs
             on_block(index, masks)
             source.release(index, block, True)
+        inputs.discard()
+        if dense_inputs is not None:
+            dense_inputs.discard()
         inputs.discard()
     finally:
         if folder is not None:

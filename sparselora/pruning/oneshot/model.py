@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...distributed import Ranks
-from .blocks import InMemoryBlocks, find_decoder_blocks
+from .blocks import InMemoryBlocks, decoder_targets, find_decoder_blocks
 from .engine import run_sequential
 from .plan import make_plan
 
@@ -55,9 +55,10 @@ def prune_model(
     """
     plan = make_plan(method, sparsity, **options)
     if plan.needs_data and calibration_data is None:
-        raise ValueError(f"method={method!r}{' with owl=True' if plan.owl else ''} needs calibration_data "
-                         "(batches of inputs)")
+        needs = f"method={method!r}" if plan.rule.needs_data else ("owl=True" if plan.owl else "reconstruct=")
+        raise ValueError(f"{needs} needs calibration_data (batches of inputs)")
     prefix, blocks = find_decoder_blocks(model)
+    decoder_targets(blocks, prefix, plan.include, plan.exclude)  # refuses an include glob matching nothing
     masks: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()

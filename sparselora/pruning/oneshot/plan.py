@@ -29,6 +29,7 @@ import torch
 from ... import ops
 from ...rules import check_bool, check_choice, check_nm, check_positive_int, check_sparsity
 from .owl import OWL_LAMBDA, OWL_THRESHOLD, check_lambda, check_threshold
+from .reconstruct import Reconstruction, as_reconstruction
 from .sparsegpt import GramAccumulator, check_damp, sparsegpt_prune_
 
 __all__ = [
@@ -243,6 +244,9 @@ class PruningPlan:
     from their outlier ratios (OWL: ``owl_threshold`` is the paper's M, ``owl_lambda`` the
     spread λ). ``block_size`` and ``damp`` are SparseGPT's column block and dampening.
     ``include`` / ``exclude``: globs over parameter or module names narrowing the weights.
+    ``reconstruct``: after each block is pruned, train its kept weights back towards the
+    dense block's outputs (True, a :class:`~.reconstruct.Reconstruction` or a dict of its
+    fields; None or False: off).
     """
 
     method: str
@@ -256,9 +260,11 @@ class PruningPlan:
     damp: float = 0.01
     include: Globs = None
     exclude: Globs = None
+    reconstruct: Union[Reconstruction, bool, dict, None] = None
 
     def __post_init__(self) -> None:
         rule = method_rule(self.method)
+        object.__setattr__(self, "reconstruct", as_reconstruction(self.reconstruct))
         if (self.sparsity is None) == (self.nm is None):
             raise ValueError("give exactly one of sparsity= and nm=(n, m)")
         if self.sparsity is not None:
@@ -289,8 +295,9 @@ class PruningPlan:
 
     @property
     def needs_data(self) -> bool:
-        """Whether calibration batches are needed (by the method, or by OWL's outlier ratios)."""
-        return self.rule.needs_data or self.owl
+        """Whether calibration batches are needed (by the method, by OWL's outlier ratios or by
+        the reconstruction)."""
+        return self.rule.needs_data or self.owl or self.reconstruct is not None
 
 
 _PLAN_OPTIONS = frozenset(f.name for f in fields(PruningPlan)) - {"method", "sparsity"}

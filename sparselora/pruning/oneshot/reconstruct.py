@@ -1,0 +1,238 @@
+"""Block reconstruction: a pruned decoder block's kept weights trained to give back what the
+dense block gave, on the calibration batches, before the next block is calibrated.
+
+What trains is the pruned weights themselves under their masks: the gradient of every pruned
+entry is zeroed before the all-reduce and the optimizer step, so Adam's moments of those
+entries stay zero and the entries never leave exactly 0 (the mask is applied once more after
+each step to say so in code, not to repair anything). The loss is the mean squared error
+between the block's output and the target, summed per batch and normalised by the number of
+elements of the step, so one process and any number of ranks take the same step.
+
+The target is either the dense block's output on the *dense* model's inputs (``"dense"``: the
+engine carries a second stream of activations, one more store the size of the inputs, and
+the block learns to correct the error of the pruned blocks before it) or the dense block's
+output on the pruned inputs (``"pruned"``: the block only learns to undo its own pruning).
+
+A slice of the batches is held out: the block's error on it is measured before and after,
+and a reconstruction that does not lower it is undone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ...distributed import Ranks
+from ...rules import check_choice, check_int, check_number, check_positive_int
+from ..targets import Target
+
+__all__ = ["Reconstruction", "as_reconstruction", "reconstruct_block", "RECONSTRUCTION_TARGETS"]
+
+RECONSTRUCTION_TARGETS = ("dense", "pruned")
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How each pruned block is reconstructed.
+
+    ``steps`` Adam steps per block at learning rate ``lr`` (cosine decay to 0 over the steps),
+    each on ``batch`` calibration batches; ``holdout`` is the fraction of the calibration
+    batches kept out of training to guard each block (at least one when there are two or
+    more; with one batch the guard measures on it); ``target`` is ``"dense"`` (the dense
+    model's activations) or ``"pruned"`` (the dense block on the pruned inputs); ``seed``
+    fixes the order of the batches.
+    """
+
+    steps: int = 24
+    lr: float = 2e-4
+    batch: int = 1
+    holdout: float = 0.125
+    target: str = "dense"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.steps, "steps")
+        check_number(self.lr, "lr", low=0.0, low_open=True)
+        check_positive_int(self.batch, "batch")
+        check_number(self.holdout, "holdout", low=0.0, high=1.0, high_open=True)
+        check_choice(self.target, "target", RECONSTRUCTION_TARGETS)
+        check_int(self.seed, "seed")
+
+
+def as_reconstruction(value: Any) -> Reconstruction | None:
+    """``reconstruct=`` as given to the one-shot calls: False/None (off), True (defaults), a
+    :class:`Reconstruction`, or a dict of its fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Reconstruction()
+    if isinstance(value, Reconstruction):
+        return value
+    if isinstance(value, Mapping):
+        return Reconstruction(**value)
+    raise TypeError(f"reconstruct={value!r} must be True, False, a Reconstruction or a dict of its fields "
+                    "(steps, lr, batch, holdout, target, seed)")
+
+
+def _output(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors inside a block call's arguments, in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def split_batches(count: int, options: Reconstruction) -> tuple[list[int], list[int]]:
+    """(training, held-out) global batch indices, the same on every rank."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(options.seed)).tolist()
+    held = max(1, round(count * options.holdout)) if count >= 2 and options.holdout > 0 else 0
+    held_out = sorted(order[:held])
+    training = sorted(order[held:])
+    return training, held_out or training
+
+
+def _schedule(training: Sequence[int], options: Reconstruction, block_index: int) -> list[list[int]]:
+    """The global batch indices of every step: epochs over the training batches, each in its
+    own seeded order."""
+    gen = torch.Generator().manual_seed(options.seed * 1_000_003 + block_index)
+    steps: list[list[int]] = []
+    queue: list[int] = []
+    while len(steps) < options.steps:
+        while len(queue) < options.batch:
+            queue += [training[i] for i in torch.randperm(len(training), generator=gen).tolist()]
+        steps.append(queue[: options.batch])
+        queue = queue[options.batch :]
+    return steps
+
+
+class _Run:
+    """One block's reconstruction: its batches, its error, its training step."""
+
+    def __init__(self, block: nn.Module, inputs, targets, extras: list[tuple], ranks: Ranks, dtype: torch.dtype):
+        self.block, self.inputs, self.targets, self.extras = block, inputs, targets, extras
+        self.ranks, self.dtype = ranks, dtype
+
+    def local(self, global_index: int) -> int | None:
+        """This rank's position of a global batch (None when another rank holds it)."""
+        if global_index % self.ranks.world != self.ranks.rank:
+            return None
+        return global_index // self.ranks.world
+
+    def squared_error(self, local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squared errors, sum of squared targets) of one batch, in float32."""
+        args, kwargs = self.extras[local]
+        x = self.inputs[local].to(self.dtype)
+        y = self.targets[local].to(torch.float32)
+        out = _output(self.block(x, *_cast(args, self.dtype), **_cast(kwargs, self.dtype))).float()
+        return (out - y).pow(2).sum(), y.pow(2).sum()
+
+    @torch.no_grad()
+    def relative_error(self, batches: Sequence[int]) -> float:
+        """``Σ‖out − y‖² / Σ‖y‖²`` over ``batches``, summed over the ranks."""
+        totals = torch.zeros(2, dtype=torch.float64)
+        for g in batches:
+            local = self.local(g)
+            if local is not None:
+                error, norm = self.squared_error(local)
+                totals += torch.stack([error.double(), norm.double()])
+        self.ranks.sum(totals)
+        return float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
+
+
+def reconstruct_block(
+    block: nn.Module,
+    targets: Sequence[Target],
+    masks: Mapping[str, torch.Tensor],
+    inputs,
+    dense_outputs,
+    extras: list[tuple],
+    options: Reconstruction,
+    *,
+    batch_count: int,
+    block_index: int,
+    ranks: Ranks | None = None,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train the kept weights of the pruned ``targets`` of ``block`` so that its outputs on
+    ``inputs`` approach ``dense_outputs``; keep the result only when it lowers the held-out
+    error. ``inputs``, ``dense_outputs`` and ``extras`` hold this rank's batches (every
+    ``world``-th of the ``batch_count`` global ones); ``masks`` maps target names to keep-masks
+    in the weights' layout. Returns ``{"before", "after", "kept", "steps"}`` (relative held-out
+    errors).
+    """
+    ranks = ranks or Ranks(False)
+    training, held_out = split_batches(batch_count, options)
+    weights = [t.weight for t in targets]
+    keeps = [masks[t.name].to(w.device) for t, w in zip(targets, weights)]
+    stored = weights[0].dtype
+    # fp32 for the training whatever the block is stored in; cast back (zeros stay zeros) at the end
+    work = torch.float32
+    flags = {id(p): p.requires_grad for p in block.parameters()}
+    original = [w.detach().clone() for w in weights]
+    if stored != work:
+        block.to(work)
+    run = _Run(block, inputs, dense_outputs, extras, ranks, work)
+    try:
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        before = run.relative_error(held_out)
+        optimizer = torch.optim.Adam(weights, lr=options.lr)
+        schedule = _schedule(training, options, block_index)
+        with torch.enable_grad():
+            for step, batches in enumerate(schedule):
+                for group in optimizer.param_groups:
+                    group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / len(schedule)))
+                count = torch.zeros(1, dtype=torch.float64)
+                for g in batches:
+                    local = run.local(g)
+                    if local is None:
+                        continue
+                    error, _ = run.squared_error(local)
+                    error.backward()
+                    count += float(inputs[local].numel())
+                ranks.sum(count)
+                for w, keep in zip(weights, keeps):
+                    if w.grad is None:
+                        w.grad = torch.zeros_like(w)
+                    w.grad.mul_(keep)
+                    ranks.sum(w.grad)
+                    w.grad.div_(max(float(count), 1.0))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for w, keep in zip(weights, keeps):
+                        w.mul_(keep)
+                if report is not None:
+                    report(f"step {step + 1}/{len(schedule)}")
+        del optimizer
+        after = run.relative_error(held_out)
+        kept = after < before
+        if not kept:
+            with torch.no_grad():
+                for w, saved in zip(weights, original):
+                    w.copy_(saved)
+    finally:
+        for w in weights:
+            w.grad = None
+        if stored != work:
+            block.to(stored)
+        for p in block.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+    if report is not None:
+        report(f"loss {before:.3g} → {after:.3g}" + ("" if kept else " (not kept)"))
+    return {"block": block_index, "before": before, "after": after, "kept": kept, "steps": options.steps}
