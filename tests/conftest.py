@@ -68,6 +68,32 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(config)
 
 
+VOCAB = 300  # of write_llama_checkpoint's models and tokenizers
+
+
+def write_llama_checkpoint(folder: Path, dtype=torch.float32, layers: int = 3, seed: int = 0) -> Path:
+    """A small random Llama checkpoint in ``folder``: sharded safetensors and a BPE tokenizer."""
+    import tokenizers
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(folder, max_shard_size="24KB")
+    trainer = tokenizers.ByteLevelBPETokenizer()
+    trainer.train_from_iterator(["sparse weights keep their shape and their zeros"] * 8, vocab_size=280,
+                                min_frequency=1, show_progress=False)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer).save_pretrained(folder)
+    return folder
+
+
+def token_batches(count: int = 4, seed: int = 1) -> list[dict]:
+    """``count`` calibration batches of 2 × 20 random token ids below :data:`VOCAB`."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, VOCAB, (2, 20), generator=gen)} for _ in range(count)]
+
+
 # a ModelZoo 2.10 trainer config as the seed document writes it (the base of Cerebras configs)
 LLAMA_BASE_CONFIG = {
     "trainer": {

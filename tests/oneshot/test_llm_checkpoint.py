@@ -16,28 +16,9 @@ from sparselora.pruning.oneshot import prune_checkpoint, prune_model
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import run_torchrun  # noqa: E402
-
-VOCAB = 300
-
-
-def write_checkpoint(folder: Path, dtype=torch.float32, layers: int = 3, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(folder, max_shard_size="24KB")
-    trainer = tokenizers.ByteLevelBPETokenizer()
-    trainer.train_from_iterator(["sparse weights keep their shape and their zeros"] * 8, vocab_size=280,
-                                min_frequency=1, show_progress=False)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer).save_pretrained(folder)
-    return folder
-
-
-def batches(count: int = 4, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, VOCAB, (2, 20), generator=gen)} for _ in range(count)]
-
+from conftest import VOCAB, run_torchrun  # noqa: E402
+from conftest import token_batches as batches  # noqa: E402
+from conftest import write_llama_checkpoint as write_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

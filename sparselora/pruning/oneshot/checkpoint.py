@@ -19,6 +19,7 @@ dtype, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -137,9 +138,9 @@ def prune_checkpoint(
                                          plan.exclude)
         shapes = {t.name: tuple(t.weight.shape) for t in decoder_targets(blocks, prefix, plan.include, plan.exclude)}
         masks_path = spill / MASKS_FILE if spill is not None else None
-        mask_writer = PackedMaskWriter(masks_path, shapes, {"method": method, "sparsity": sparsity,
-                                                            "nm": options.get("nm"),
-                                                            "owl": options.get("owl", False)}) if masks_path else None
+        recipe = {"method": method, "sparsity": plan.sparsity, "nm": plan.nm, "owl": plan.owl,
+                  "reconstruct": dataclasses.asdict(plan.reconstruct) if plan.reconstruct else None}
+        mask_writer = PackedMaskWriter(masks_path, shapes, recipe) if masks_path else None
         with mask_writer or contextlib.nullcontext():
             def on_block(_index: int, masks: dict[str, torch.Tensor]) -> None:
                 if mask_writer is not None:

@@ -30,17 +30,23 @@ from ...distributed import Ranks
 from ...rules import check_choice, check_int, check_number, check_positive_int
 from ..targets import Target
 
-__all__ = ["Reconstruction", "as_reconstruction", "reconstruct_block", "RECONSTRUCTION_TARGETS"]
+__all__ = ["Reconstruction", "as_reconstruction", "reconstruct_block", "check_lr", "RECONSTRUCTION_TARGETS"]
 
 RECONSTRUCTION_TARGETS = ("dense", "pruned")
+
+
+def check_lr(value: object, arg: str = "lr") -> float:
+    """A learning rate: a finite number > 0."""
+    return check_number(value, arg, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
 class Reconstruction:
     """How each pruned block is reconstructed.
 
-    ``steps`` Adam steps per block at learning rate ``lr`` (cosine decay to 0 over the steps),
-    each on ``batch`` calibration batches; ``holdout`` is the fraction of the calibration
+    ``steps`` Adam steps per block, each on ``batch`` calibration batches, at learning rate
+    ``lr`` times the root-mean-square of each weight's kept entries (a relative step: one
+    default for weights of any scale), with cosine decay to 0 over the steps; ``holdout`` is the fraction of the calibration
     batches kept out of training to guard each block (at least one when there are two or
     more; with one batch the guard measures on it); ``target`` is ``"dense"`` (the dense
     model's activations) or ``"pruned"`` (the dense block on the pruned inputs); ``seed``
@@ -48,7 +54,7 @@ class Reconstruction:
     """
 
     steps: int = 24
-    lr: float = 2e-4
+    lr: float = 0.025
     batch: int = 1
     holdout: float = 0.125
     target: str = "dense"
@@ -56,7 +62,7 @@ class Reconstruction:
 
     def __post_init__(self) -> None:
         check_positive_int(self.steps, "steps")
-        check_number(self.lr, "lr", low=0.0, low_open=True)
+        check_lr(self.lr)
         check_positive_int(self.batch, "batch")
         check_number(self.holdout, "holdout", low=0.0, high=1.0, high_open=True)
         check_choice(self.target, "target", RECONSTRUCTION_TARGETS)
@@ -191,12 +197,18 @@ def reconstruct_block(
         for w in weights:
             w.requires_grad_(True)
         before = run.relative_error(held_out)
-        optimizer = torch.optim.Adam(weights, lr=options.lr)
+        # Adam moves every entry by about lr per step whatever its size: the step is made
+        # relative to each weight's RMS, so that one default suits models whose weights differ
+        # tenfold in scale
+        scales = [float(w.detach()[keep].float().pow(2).mean().sqrt()) if bool(keep.any()) else 0.0
+                  for w, keep in zip(weights, keeps)]
+        optimizer = torch.optim.Adam([{"params": [w], "lr": 0.0} for w in weights])
         schedule = _schedule(training, options, block_index)
         with torch.enable_grad():
             for step, batches in enumerate(schedule):
-                for group in optimizer.param_groups:
-                    group["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / len(schedule)))
+                decay = 0.5 * (1 + math.cos(math.pi * step / len(schedule)))
+                for group, scale in zip(optimizer.param_groups, scales):
+                    group["lr"] = options.lr * scale * decay
                 count = torch.zeros(1, dtype=torch.float64)
                 for g in batches:
                     local = run.local(g)
