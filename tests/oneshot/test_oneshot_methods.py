@@ -24,7 +24,8 @@ from sparselora.pruning.oneshot import (
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from test_llm_checkpoint import batches, write_checkpoint  # noqa: E402
+from conftest import token_batches as batches  # noqa: E402
+from conftest import write_llama_checkpoint as write_checkpoint  # noqa: E402
 
 
 def random_score(matrix: torch.Tensor, _stats) -> torch.Tensor:
@@ -95,3 +96,19 @@ def test_the_table_refuses_a_second_entry_of_one_name(toy_method):
                                                default_scope="row"))
     with pytest.raises(ValueError, match="built in"):
         unregister_method("wanda")
+
+
+def test_include_globs_may_name_some_blocks_only(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    masks = prune_model(model, batches(), "wanda", 0.5, include="model.layers.1.*", progress=False)
+    assert masks and all(name.startswith("model.layers.1.") for name in masks)
+    summary = prune_checkpoint(folder, tmp_path / "out", "wanda", 0.5, calibration_data=batches(),
+                               include=["model.layers.1.*"], progress=False)
+    on_disk, _ = load_mask(summary["masks"])
+    assert on_disk.keys() == masks.keys() and all(torch.equal(on_disk[k], masks[k]) for k in masks)
+    with pytest.raises(ValueError, match="include pattern 'model.layers.9.\\*' matches no prunable weight"):
+        prune_model(model, batches(), "wanda", 0.5, include="model.layers.9.*", progress=False)
+    with pytest.raises(ValueError, match="include pattern 'model.layers.9.\\*' matches no prunable weight"):
+        prune_checkpoint(folder, tmp_path / "out2", "wanda", 0.5, calibration_data=batches(),
+                         include="model.layers.9.*", progress=False)
