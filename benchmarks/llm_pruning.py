@@ -1,5 +1,6 @@
 """One-shot pruning of a real LLM: perplexity of SmolLM2-135M-Instruct after magnitude, Wanda
-and SparseGPT, with and without OWL, at 50%, 70% and 2:4; then sparse LoRA recovery.
+and SparseGPT, with and without OWL, with and without block reconstruction, at 50%, 70% and
+2:4; then sparse LoRA recovery.
 
     python benchmarks/llm_pruning.py --output-dir llm-results --plot docs/llm_pruning.png
     python benchmarks/llm_pruning.py --quick --layers 2          # a smoke test on a 2-block slice
@@ -15,7 +16,9 @@ with a seed and split into an evaluation part and a disjoint pool. Calibration w
 come from the pool only; perplexity is measured on non-overlapping windows of the
 evaluation part. Every pruned weight is a Linear weight of a decoder block; embeddings,
 norms and the (tied) LM head stay dense. Pruning runs sequentially, block by block
-(``sparselora.pruning.oneshot.prune_model``).
+(``sparselora.pruning.oneshot.prune_model``). With ``reconstruct=`` each pruned block's kept
+weights are then trained towards the dense model's block outputs on the same calibration
+windows (:mod:`sparselora.pruning.oneshot.reconstruct`); each row records its seconds.
 
 Recovery: for the best 50% and 70% masks, LoRA adapters (r=16) on every block Linear are
 trained on the pool with the language-modelling loss under bf16 autocast, in both modes
@@ -43,7 +46,7 @@ import torch
 
 from sparselora.io.atomic import atomic_open, atomic_write_bytes
 from sparselora.pruning.calibration_text import stdlib_text
-from sparselora.pruning.oneshot import prune_model
+from sparselora.pruning.oneshot import Reconstruction, prune_model
 from sparselora.pruning.sparse_lora import (
     SparseLoRAConfig,
     apply_sparse_lora,
@@ -57,6 +60,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 LORA_MODES = ("sparse_to_dense", "sparse_to_sparse")
 OWL_CHOICES = {"both": (False, True), "off": (False,), "on": (True,)}
+RECONSTRUCT_CHOICES = OWL_CHOICES
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -146,14 +150,18 @@ def recover(model, masks, mode: str, train_windows: torch.Tensor, steps: int, lr
     return merge_all_lora_weights(model), time.perf_counter() - start
 
 
-def _cases(sparsities: Sequence[str], methods: Sequence[str], owl_choice: str) -> list[tuple[str, str, bool]]:
+def _cases(sparsities: Sequence[str], methods: Sequence[str], owl_choice: str,
+           reconstruct_choice: str = "off") -> list[tuple[str, str, bool, bool]]:
     cases = []
     for level in sparsities:
         for method in methods:
             for owl in OWL_CHOICES[owl_choice]:
                 if owl and level == "2:4":
                     continue  # OWL allocates unstructured sparsity; N:M is fixed per run
-                cases.append((level, method, owl))
+                for rebuilt in RECONSTRUCT_CHOICES[reconstruct_choice]:
+                    if rebuilt and owl:
+                        continue  # reconstruction is measured on the plain masks
+                    cases.append((level, method, owl, rebuilt))
     return cases
 
 
@@ -162,7 +170,7 @@ def _prune_kwargs(level: str) -> dict[str, Any]:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    rows = results["pruned"]
+    rows = [r for r in results["pruned"] if not r.get("reconstruct")]
     levels = list(dict.fromkeys(r["level"] for r in rows))
     lines = [f"dense perplexity: {results['dense']:.2f}", "",
              "| method | " + " | ".join(f"{lv}" + (" / +OWL" if any(r["owl"] and r["level"] == lv for r in rows) else "")
@@ -178,12 +186,26 @@ def render_markdown(results: dict[str, Any]) -> str:
                 cell += f" / {owl['perplexity']:.1f}"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    rebuilt = [r for r in results["pruned"] if r.get("reconstruct")]
+    if rebuilt:
+        tokens = results["calibration_samples"] * results["seq_len"]
+        lines += ["", f"reconstruction: {results['reconstruction']}, on the {tokens} calibration tokens", "",
+                  "| method | level | one-shot | time | + reconstruction | time | time ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rebuilt:
+            plain = next((p for p in rows if p["level"] == r["level"] and p["method"] == r["method"]
+                          and not p["owl"]), None)
+            before = f"{plain['perplexity']:.1f} | {plain['prune_seconds']:.0f} s" if plain else "— | —"
+            ratio = f"{r['prune_seconds'] / plain['prune_seconds']:.2f}×" if plain else "—"
+            lines.append(f"| {r['method']} | {r['level']} | {before} | {r['perplexity']:.1f} | "
+                         f"{r['prune_seconds']:.0f} s | {ratio} |")
     if results["recovery"]:
-        lines += ["", "| mask | pruned | LoRA mode | + LoRA, merged | violations | LoRA time |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| mask | pruned | LoRA mode | + LoRA, merged | violations | LoRA training tokens | LoRA time |",
+                  "|---|---|---|---|---|---|---|"]
         for r in results["recovery"]:
             lines.append(f"| {r['level']} {r['method']}{' +OWL' if r['owl'] else ''} | {r['pruned']:.1f} | "
-                         f"{r['mode']} | {r['recovered']:.1f} | {r['violations']} | {r['seconds']:.0f} s |")
+                         f"{r['mode']} | {r['recovered']:.1f} | {r['violations']} | {r['tokens']} | "
+                         f"{r['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,17 +217,18 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
     rows = results["pruned"]
     levels = list(dict.fromkeys(r["level"] for r in rows))
-    series = list(dict.fromkeys((r["method"], r["owl"]) for r in rows))
+    series = list(dict.fromkeys((r["method"], r["owl"], bool(r.get("reconstruct"))) for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(series), 1)
-    for i, (method, owl) in enumerate(series):
+    for i, (method, owl, rebuilt) in enumerate(series):
         xs, ys = [], []
         for j, level in enumerate(levels):
-            hit = [r for r in rows if r["level"] == level and r["method"] == method and r["owl"] == owl]
+            hit = [r for r in rows if r["level"] == level and r["method"] == method and r["owl"] == owl
+                   and bool(r.get("reconstruct")) == rebuilt]
             if hit:
                 xs.append(j + (i - len(series) / 2 + 0.5) * width)
                 ys.append(hit[0]["perplexity"])
-        ax.bar(xs, ys, width, label=method + (" + OWL" if owl else ""))
+        ax.bar(xs, ys, width, label=method + (" + OWL" if owl else "") + (" + recon" if rebuilt else ""))
     ax.axhline(results["dense"], color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_yscale("log")
     ax.set_xticks(range(len(levels)), levels)
@@ -263,7 +286,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", type=_methods, default=list(METHODS))
     p.add_argument("--owl", choices=sorted(OWL_CHOICES), default="both",
                    help="unstructured levels without OWL, with it, or both (default)")
-    p.add_argument("--lora-modes", type=_lora_modes, default=list(LORA_MODES))
+    p.add_argument("--reconstruct", choices=sorted(RECONSTRUCT_CHOICES), default="both",
+                   help="every level without block reconstruction, with it, or both (default)")
+    p.add_argument("--reconstruct-steps", type=_positive, default=Reconstruction().steps)
+    p.add_argument("--reconstruct-lr", type=float, default=Reconstruction().lr)
+    p.add_argument("--lora-modes", type=_lora_modes, default=list(LORA_MODES),
+                   help="comma-separated; an empty string skips the recovery")
     p.add_argument("--layers", type=_positive, help="prune only a slice: the first N blocks")
     p.add_argument("--calibration-samples", type=_positive, default=32)
     p.add_argument("--seq-len", type=_positive, default=256)
@@ -278,6 +306,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.calibration_samples, args.seq_len, args.eval_windows = 4, 64, 4
         args.lora_steps = min(args.lora_steps, 3)
+        args.reconstruct_steps = min(args.reconstruct_steps, 3)
     return args
 
 
@@ -291,27 +320,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pool_tokens = torch.tensor(tokenizer.encode(pool_text, add_special_tokens=False))
     eval_windows = windows(eval_tokens, args.eval_windows, args.seq_len, None)
     calibration = [{"input_ids": w} for w in windows(pool_tokens, args.calibration_samples, args.seq_len,
-                                                     args.seed).split(8)]
+                                                     args.seed).split(4)]
     train_windows = windows(pool_tokens, 4096, args.seq_len, args.seed + 1)
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "blocks": len(dense.model.layers),
                                "seq_len": args.seq_len, "calibration_samples": args.calibration_samples,
                                "eval_tokens": int(eval_windows.numel()), "pruned": [], "recovery": []}
+    reconstruction = Reconstruction(steps=args.reconstruct_steps, lr=args.reconstruct_lr)
+    results["reconstruction"] = reconstruction.__dict__
     results["dense"] = perplexity(dense, eval_windows)
     print(f"dense perplexity {results['dense']:.2f} ({eval_windows.numel()} evaluation tokens)", flush=True)
     best: dict[str, tuple[float, dict, Any]] = {}
-    for level, method, owl in _cases(args.sparsities, args.methods, args.owl):
+    for level, method, owl, rebuilt in _cases(args.sparsities, args.methods, args.owl, args.reconstruct):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         masks = prune_model(model, calibration, method, owl=owl, progress=not args.no_progress and None,
-                            **_prune_kwargs(level))
+                            reconstruct=reconstruction if rebuilt else None, **_prune_kwargs(level))
         seconds = time.perf_counter() - start
         ppl = perplexity(model, eval_windows)
-        row = {"level": level, "method": method, "owl": owl, "perplexity": ppl, "sparsity": _sparsity_of(masks),
-               "prune_seconds": seconds}
+        row = {"level": level, "method": method, "owl": owl, "reconstruct": rebuilt, "perplexity": ppl,
+               "sparsity": _sparsity_of(masks), "prune_seconds": seconds}
         results["pruned"].append(row)
-        print(f"{level:>4} {method:<9} owl={owl!s:<5} perplexity {ppl:10.2f}  sparsity {row['sparsity']:.4f}  "
-              f"{seconds:.1f} s", flush=True)
-        if level != "2:4" and (level not in best or ppl < best[level][0]):
+        print(f"{level:>4} {method:<9} owl={owl!s:<5} reconstruct={rebuilt!s:<5} perplexity {ppl:10.2f}  "
+              f"sparsity {row['sparsity']:.4f}  {seconds:.1f} s", flush=True)
+        # LoRA recovery starts from the best one-shot masks, for comparison with reconstruction
+        if not rebuilt and level != "2:4" and (level not in best or ppl < best[level][0]):
             best[level] = (ppl, masks, (method, owl, model))
     for level in [lv for lv in ("0.5", "0.7") if lv in best]:
         ppl, masks, (method, owl, model) = best[level]
@@ -323,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             violations = report["global"]["total_violations"]
             results["recovery"].append({"level": level, "method": method, "owl": owl, "mode": mode, "pruned": ppl,
                                         "recovered": recovered, "violations": violations, "valid": valid,
-                                        "seconds": seconds, "steps": args.lora_steps})
+                                        "seconds": seconds, "steps": args.lora_steps,
+                                        "tokens": args.lora_steps * 4 * args.seq_len})
             print(f"recovery {level} {method} owl={owl} {mode}: {ppl:.2f} -> {recovered:.2f} "
                   f"(violations {violations}, {seconds:.0f} s)", flush=True)
     results["seconds"] = time.perf_counter() - started

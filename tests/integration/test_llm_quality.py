@@ -24,6 +24,8 @@ def test_quick_run_writes_table_json_and_plot(quick_run):
     assert table.startswith("dense perplexity: ")
     for method in ("magnitude", "wanda", "sparsegpt"):
         assert f"| {method} | " in table
+        for level in ("0.5", "0.7", "2:4"):
+            assert f"| {method} | {level} | " in table  # its reconstruction row
     assert json.loads((out / "llm_pruning.json").read_text()) == json.loads(json.dumps(results))
     assert (out / "llm_pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
@@ -32,8 +34,10 @@ def test_quick_run_writes_table_json_and_plot(quick_run):
 
 def test_quick_run_has_every_case_with_exact_sparsity(quick_run):
     _, results = quick_run
-    cases = {(r["level"], r["method"], r["owl"]) for r in results["pruned"]}
-    assert len(cases) == 3 * 2 + 3 * 2 + 3  # 50% and 70% with and without OWL, 2:4 without
+    cases = {(r["level"], r["method"], r["owl"], r["reconstruct"]) for r in results["pruned"]}
+    # 50% and 70% with and without OWL, 2:4 without; then every level with reconstruction
+    assert len(cases) == 3 * 2 + 3 * 2 + 3 + 3 * 3
+    assert {c for c in cases if c[3]} == {(lv, m, False, True) for lv in ("0.5", "0.7", "2:4") for m in llm.METHODS}
     for row in results["pruned"]:
         if row["level"] in ("0.5", "2:4"):
             # every block weight has an even input width: exact halves whatever the group
@@ -54,7 +58,8 @@ def test_quick_run_recovers_with_sparse_lora_and_keeps_the_masks(quick_run):
 
 
 @pytest.mark.parametrize("argv", [["--sparsities", "1.5"], ["--methods", "obs"], ["--layers", "0"],
-                                  ["--owl", "maybe"], ["--lora-modes", "dense"]])
+                                  ["--owl", "maybe"], ["--lora-modes", "dense"],
+                                  ["--reconstruct", "maybe"], ["--reconstruct-steps", "0"]])
 def test_bad_command_line_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         llm.parse_args(argv)
