@@ -3,6 +3,7 @@
     python benchmarks/llm_checkpoint.py                       # 18-block Llama, 1.06B bf16 weights (2.1 GB)
     python benchmarks/llm_checkpoint.py --layers 4 --method sparsegpt
     python benchmarks/llm_checkpoint.py --json out.json
+    python benchmarks/llm_checkpoint.py --reconstruct         # with block reconstruction (2 steps a block)
 
 Writes a synthetic checkpoint from a Llama config (hidden 2048, MLP 5632, vocabulary 32000,
 untied LM head, random bf16 weights, ~500 MB shards, one tensor generated at a time) in a
@@ -15,7 +16,8 @@ interpreter, torch and transformers included):
 * the in-memory path: ``from_pretrained`` + ``prune_model`` on the whole model.
 
 Both prune with the same calibration batches (random token ids); the masks and weights of
-the two outputs are compared bit for bit.
+the two outputs are compared bit for bit. With ``--reconstruct`` every block is also
+reconstructed (``reconstruct=``; a few steps: the memory does not grow with them).
 """
 
 from __future__ import annotations
@@ -74,11 +76,13 @@ def generate(folder: Path, layers: int, shard_bytes: int = 500 * 2**20) -> int:
     return total
 
 
-def child(kind: str, folder: Path, out: Path, method: str) -> dict:
+def child(kind: str, folder: Path, out: Path, method: str, steps: int) -> dict:
     import torch
     import transformers
 
     from sparselora.pruning.oneshot import prune_checkpoint, prune_model
+
+    options = {"reconstruct": {"steps": steps}} if steps else {}
 
     gen = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, VOCAB, (4, 128), generator=gen)} for _ in range(2)]
@@ -86,10 +90,11 @@ def child(kind: str, folder: Path, out: Path, method: str) -> dict:
     if kind == "baseline":
         return {"seconds": 0.0, "peak_rss": peak_rss_bytes()}
     if kind == "stream":
-        summary = prune_checkpoint(folder, out, method, 0.5, calibration_data=batches, progress=False, overwrite=True)
+        summary = prune_checkpoint(folder, out, method, 0.5, calibration_data=batches, progress=False, overwrite=True,
+                                   **options)
         return {"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "blocks": summary["blocks"]}
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    masks = prune_model(model, batches, method, 0.5, progress=False)
+    masks = prune_model(model, batches, method, 0.5, progress=False, **options)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     # compare with the streamed output, outside the timed part
@@ -102,8 +107,8 @@ def child(kind: str, folder: Path, out: Path, method: str) -> dict:
     return {"seconds": seconds, "peak_rss": peak, "same_masks": same_masks, "same_weights": same_weights}
 
 
-def measure(kind: str, folder: Path, out: Path, method: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(folder), str(out), method],
+def measure(kind: str, folder: Path, out: Path, method: str, steps: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(folder), str(out), method, str(steps)],
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
@@ -114,23 +119,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=18, help="decoder blocks (default 18: 1.06B weights, 2.1 GB)")
     parser.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
+    parser.add_argument("--reconstruct", action="store_true", help="reconstruct every block after pruning it")
+    parser.add_argument("--reconstruct-steps", type=int, default=2, help="steps per block with --reconstruct (default 2)")
     parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, folder, out, method = args.child
-        print(json.dumps(child(kind, Path(folder), Path(out), method)))
+        kind, folder, out, method, steps = args.child
+        print(json.dumps(child(kind, Path(folder), Path(out), method, int(steps))))
         return
+    steps = args.reconstruct_steps if args.reconstruct else 0
     with tempfile.TemporaryDirectory(prefix="sparselora-bench-") as tmp:
         folder = Path(tmp) / "ckpt"
         size = generate(folder, args.layers)
         out = Path(tmp) / "pruned"
-        results = {kind: measure(kind, folder, out, args.method) for kind in ("baseline", "stream", "in_memory")}
+        results = {kind: measure(kind, folder, out, args.method, steps) for kind in ("baseline", "stream", "in_memory")}
     block = 2 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP)
     mb = lambda b: b / 2**20  # noqa: E731
     base = results["baseline"]["peak_rss"]
     print(f"\n{args.layers}-block Llama (hidden {HIDDEN}, MLP {MLP}), {size / 1e9:.2f} GB of bf16 weights; "
-          f"one block {mb(block):.0f} MiB; {args.method} at 50%, 8 x 128 calibration tokens")
+          f"one block {mb(block):.0f} MiB; {args.method} at 50%, 8 x 128 calibration tokens"
+          + (f", reconstruction ({steps} steps a block)" if steps else ""))
     print(f"{'':<36}{'time':>9}{'peak RSS':>12}{'above imports':>15}")
     for kind, label in (("baseline", "imports (torch, transformers)"), ("stream", "prune_checkpoint (streaming)"),
                         ("in_memory", "from_pretrained + prune_model")):
@@ -140,7 +149,7 @@ def main() -> None:
     print(f"streaming: {above / block:.2f} blocks above the imports; in-memory: "
           f"{(results['in_memory']['peak_rss'] - base) / block:.2f} blocks; same masks: "
           f"{results['in_memory']['same_masks']}, same weights: {results['in_memory']['same_weights']}")
-    results.update(layers=args.layers, bytes=size, block_bytes=block, method=args.method)
+    results.update(layers=args.layers, bytes=size, block_bytes=block, method=args.method, reconstruct_steps=steps)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -29,7 +29,7 @@ from .mask_ops import (
     validate_nm_mask,
 )
 from .calibration import calibration_batches
-from .oneshot import owl_sparsities, prune_checkpoint, prune_model, sparsegpt_prune_
+from .oneshot import Reconstruction, owl_sparsities, prune_checkpoint, prune_model, sparsegpt_prune_
 from .sparse_lora import (
     SparseLoRAConfig,
     SparseLoRALinear,
@@ -68,6 +68,7 @@ __all__ = [
     "apply_masks_to_model",
     "prune_model",
     "prune_checkpoint",
+    "Reconstruction",
     "sparsegpt_prune_",
     "owl_sparsities",
     "calibration_batches",

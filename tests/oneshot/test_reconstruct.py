@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import os
 
 import pytest
@@ -265,3 +266,10 @@ def test_bad_options_are_refused_naming_the_option(options, error, message):
         prune_model(tiny_llama(), data(), "wanda", 0.5, reconstruct="yes", progress=False)
     with pytest.raises(ValueError, match="reconstruct= needs calibration_data"):
         prune_model(tiny_llama(), None, "magnitude", 0.5, reconstruct=True, progress=False)
+
+
+def test_progress_bar_shows_block_step_and_loss(capsys):
+    prune_model(tiny_llama(), data(), "wanda", 0.5, reconstruct=QUICK, progress=True)
+    err = capsys.readouterr().err
+    assert "block 1: step 6/6, loss " in err and "→" in err
+    assert re.search(r"block 1: loss [0-9.e-]+ → [0-9.e-]+", err)

@@ -99,7 +99,9 @@ def prune_checkpoint(
 
     ``method``, ``sparsity`` and the ``options`` (the other fields of
     :class:`~.plan.PruningPlan`: ``nm``, ``scope``, ``owl``, ``owl_threshold``, ``owl_lambda``,
-    ``block_size``, ``damp``, ``include``, ``exclude``) are those of :func:`~.model.prune_model`.
+    ``block_size``, ``damp``, ``include``, ``exclude``, ``reconstruct``) are those of
+    :func:`~.model.prune_model`; with ``reconstruct`` the peak memory adds the block in fp32,
+    its optimizer state and one or two more stores of block outputs.
     Calibration batches are ``calibration_data`` if given, else ``samples`` windows of
     ``seq_len`` tokens from ``calibration_text`` (the built-in text when None) tokenised by
     ``tokenizer`` (a tokenizer or its folder; the checkpoint's own by default). The
@@ -109,7 +111,8 @@ def prune_checkpoint(
     assembled beside ``output_dir`` and swapped in whole; the spill files of pruned blocks
     (about the size of the pruned weights) live beside it until then.
 
-    Returns a summary: output folder, masks file, per-block sparsities, seconds.
+    Returns a summary: output folder, masks file, per-block sparsities, seconds, and with
+    ``reconstruct`` each block's held-out error before and after (``"reconstruction"``).
     """
     start = time.perf_counter()
     folder = Path(checkpoint)

@@ -8,6 +8,12 @@ nothing), each weight is pruned by the method's update, and the pruned block is 
 to give the next block its inputs. So every block is calibrated on what the already-pruned
 blocks before it produce, as in the Wanda and SparseGPT papers.
 
+With a reconstruction in the plan, the pruned block's kept weights are trained before it
+computes the next block's inputs (:mod:`.reconstruct`). Its target is the dense block's
+output: on the dense model's activations, a second stream carried beside the pruned one
+(each block runs once more on it), or on the pruned inputs, which the statistics pass
+computes anyway.
+
 The engine knows no method by name: it reads the plan's :class:`~.plan.MethodRule`. The
 blocks come from a block source (:mod:`.blocks`), from memory or from a checkpoint on disk.
 Under ``torch.distributed`` each rank runs its share of the batches; statistics are summed
@@ -101,7 +107,7 @@ def run_sequential(
     ``source`` hands out the decoder blocks (``load(i)`` / ``release(i, block, pruned)``),
     ``prefix`` is their module path (``"model.layers"``); ``on_block(i, masks)`` receives
     each block's keep-masks as soon as it is pruned. Returns a summary (per-block
-    sparsities, OWL ratios).
+    sparsities, OWL ratios, reconstruction errors).
     """
     ranks = ranks or Ranks(False)
     rule = plan.rule

@@ -48,7 +48,11 @@ def prune_model(
             ``scope`` (``"row"`` or ``"layer"``; the method's default when None), ``owl``,
             ``owl_threshold``, ``owl_lambda``, ``block_size``, ``damp``, ``include`` and
             ``exclude`` (globs over parameter or module names; the LM head and embeddings are
-            never pruned).
+            never pruned), and ``reconstruct``: True (or a
+            :class:`~.reconstruct.Reconstruction`, or a dict of its fields) trains each pruned
+            block's kept weights towards the dense model's block outputs on the calibration
+            batches before the next block is calibrated; pruned weights stay exactly 0 and the
+            masks are those the block was pruned with.
 
     Only the weights of the decoder blocks are pruned. The model runs in eval mode during
     the call (restored afterwards) and without a KV cache.

@@ -101,6 +101,14 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def _cast_parameters(block: nn.Module, dtypes: Callable[[nn.Parameter], torch.dtype]) -> None:
+    """Each floating parameter of the block in ``dtypes(parameter)``, the Parameter objects
+    kept (buffers, e.g. rotary frequencies, are left in their own dtype)."""
+    for p in block.parameters():
+        if p.is_floating_point() and p.dtype != dtypes(p):
+            p.data = p.data.to(dtypes(p))
+
+
 def split_batches(count: int, options: Reconstruction) -> tuple[list[int], list[int]]:
     """(training, held-out) global batch indices, the same on every rank."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(options.seed)).tolist()
@@ -137,13 +145,13 @@ class _Run:
             return None
         return global_index // self.ranks.world
 
-    def squared_error(self, local: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of squared errors, sum of squared targets) of one batch, in float32."""
+    def squared_error(self, local: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(sum of squared errors, sum of squared targets, elements) of one batch, in float32."""
         args, kwargs = self.extras[local]
         x = self.inputs[local].to(self.dtype)
         y = self.targets[local].to(torch.float32)
         out = _output(self.block(x, *_cast(args, self.dtype), **_cast(kwargs, self.dtype))).float()
-        return (out - y).pow(2).sum(), y.pow(2).sum()
+        return (out - y).pow(2).sum(), y.pow(2).sum(), y.numel()
 
     @torch.no_grad()
     def relative_error(self, batches: Sequence[int]) -> float:
@@ -152,7 +160,7 @@ class _Run:
         for g in batches:
             local = self.local(g)
             if local is not None:
-                error, norm = self.squared_error(local)
+                error, norm, _ = self.squared_error(local)
                 totals += torch.stack([error.double(), norm.double()])
         self.ranks.sum(totals)
         return float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
@@ -183,13 +191,12 @@ def reconstruct_block(
     training, held_out = split_batches(batch_count, options)
     weights = [t.weight for t in targets]
     keeps = [masks[t.name].to(w.device) for t, w in zip(targets, weights)]
-    stored = weights[0].dtype
+    stored = {id(p): p.dtype for p in block.parameters()}
     # fp32 for the training whatever the block is stored in; cast back (zeros stay zeros) at the end
     work = torch.float32
     flags = {id(p): p.requires_grad for p in block.parameters()}
     original = [w.detach().clone() for w in weights]
-    if stored != work:
-        block.to(work)
+    _cast_parameters(block, lambda _p: work)
     run = _Run(block, inputs, dense_outputs, extras, ranks, work)
     try:
         for p in block.parameters():
@@ -209,15 +216,17 @@ def reconstruct_block(
                 decay = 0.5 * (1 + math.cos(math.pi * step / len(schedule)))
                 for group, scale in zip(optimizer.param_groups, scales):
                     group["lr"] = options.lr * scale * decay
-                count = torch.zeros(1, dtype=torch.float64)
+                # elements, squared errors, squared targets of the step's batches, over the ranks
+                totals = torch.zeros(3, dtype=torch.float64)
                 for g in batches:
                     local = run.local(g)
                     if local is None:
                         continue
-                    error, _ = run.squared_error(local)
+                    error, norm, elements = run.squared_error(local)
                     error.backward()
-                    count += float(inputs[local].numel())
-                ranks.sum(count)
+                    totals += torch.tensor([elements, float(error), float(norm)], dtype=torch.float64)
+                ranks.sum(totals)
+                count = totals[0]
                 for w, keep in zip(weights, keeps):
                     if w.grad is None:
                         w.grad = torch.zeros_like(w)
@@ -230,7 +239,8 @@ def reconstruct_block(
                     for w, keep in zip(weights, keeps):
                         w.mul_(keep)
                 if report is not None:
-                    report(f"step {step + 1}/{len(schedule)}")
+                    training = float(totals[1] / totals[2]) if totals[2] > 0 else 0.0
+                    report(f"step {step + 1}/{len(schedule)}, loss {before:.3g} → {training:.3g}")
         del optimizer
         after = run.relative_error(held_out)
         kept = after < before
@@ -241,8 +251,7 @@ def reconstruct_block(
     finally:
         for w in weights:
             w.grad = None
-        if stored != work:
-            block.to(stored)
+        _cast_parameters(block, lambda p: stored[id(p)])
         for p in block.parameters():
             p.requires_grad_(flags.get(id(p), False))
     if report is not None:
