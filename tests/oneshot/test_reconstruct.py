@@ -113,6 +113,19 @@ def test_a_reconstruction_that_does_not_help_is_undone(monkeypatch):
         assert torch.equal(param, rebuilt.get_parameter(name)), name
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_every_precision_lowers_the_error_and_keeps_the_zeros(monkeypatch, precision):
+    model = tiny_llama()
+    calls = recorded_runs(monkeypatch)
+    masks = prune_model(model, data(), "sparsegpt", 0.5, reconstruct={**QUICK, "precision": precision},
+                        progress=False)
+    assert all(c["result"]["kept"] and c["result"]["after"] < c["result"]["before"] for c in calls)
+    for name, keep in masks.items():
+        weight = model.get_parameter(name)
+        assert weight.dtype == torch.float32  # trained in fp32 (bf16 only inside the products)
+        assert torch.equal(weight[~keep], torch.zeros_like(weight[~keep]))
+
+
 def test_deterministic_for_a_seed_and_the_seed_matters():
     runs = []
     for seed in (0, 0, 1):
@@ -256,6 +269,7 @@ def test_prune_command_rejects_bad_reconstruction_options(checkpoint, tmp_path, 
     ({"holdout": 1.0}, ValueError, "holdout=1.0 must be a number in [0, 1)"),
     ({"target": "sparse"}, ValueError, "target='sparse' is unknown; accepted: dense, pruned"),
     ({"seed": True}, TypeError, "seed=True must be an int"),
+    ({"precision": "fp16"}, ValueError, "precision='fp16' is unknown; accepted: auto, fp32, bf16"),
     ({"epochs": 3}, TypeError, "epochs"),
 ])
 def test_bad_options_are_refused_naming_the_option(options, error, message):

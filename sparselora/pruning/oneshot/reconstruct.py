@@ -33,6 +33,7 @@ from ..targets import Target
 __all__ = ["Reconstruction", "as_reconstruction", "reconstruct_block", "check_lr", "RECONSTRUCTION_TARGETS"]
 
 RECONSTRUCTION_TARGETS = ("dense", "pruned")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_lr(value: object, arg: str = "lr") -> float:
@@ -50,7 +51,11 @@ class Reconstruction:
     batches kept out of training to guard each block (at least one when there are two or
     more; with one batch the guard measures on it); ``target`` is ``"dense"`` (the dense
     model's activations) or ``"pruned"`` (the dense block on the pruned inputs); ``seed``
-    fixes the order of the batches.
+    fixes the order of the batches. ``precision`` is that of the training steps' matrix
+    products: ``"fp32"``, or ``"bf16"`` under autocast (the weights, their gradients and
+    the optimizer stay fp32; the held-out guard measures in fp32 either way); ``"auto"``
+    takes bf16 where the hardware multiplies it natively (CUDA GPUs that support it, CPUs
+    with AMX or AVX512-BF16) and fp32 elsewhere.
     """
 
     steps: int = 24
@@ -59,6 +64,7 @@ class Reconstruction:
     holdout: float = 0.125
     target: str = "dense"
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_positive_int(self.steps, "steps")
@@ -67,6 +73,7 @@ class Reconstruction:
         check_number(self.holdout, "holdout", low=0.0, high=1.0, high_open=True)
         check_choice(self.target, "target", RECONSTRUCTION_TARGETS)
         check_int(self.seed, "seed")
+        check_choice(self.precision, "precision", PRECISIONS)
 
 
 def as_reconstruction(value: Any) -> Reconstruction | None:
@@ -81,7 +88,7 @@ def as_reconstruction(value: Any) -> Reconstruction | None:
     if isinstance(value, Mapping):
         return Reconstruction(**value)
     raise TypeError(f"reconstruct={value!r} must be True, False, a Reconstruction or a dict of its fields "
-                    "(steps, lr, batch, holdout, target, seed)")
+                    "(steps, lr, batch, holdout, target, seed, precision)")
 
 
 def _output(result: Any) -> torch.Tensor:
@@ -99,6 +106,16 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, dict):
         return {k: _cast(v, dtype) for k, v in value.items()}
     return value
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (and so faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        return any(probe is not None and probe() for probe in probes)
+    return False
 
 
 def _cast_parameters(block: nn.Module, dtypes: Callable[[nn.Parameter], torch.dtype]) -> None:
@@ -145,12 +162,15 @@ class _Run:
             return None
         return global_index // self.ranks.world
 
-    def squared_error(self, local: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(sum of squared errors, sum of squared targets, elements) of one batch, in float32."""
+    def squared_error(self, local: int, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(sum of squared errors, sum of squared targets, elements) of one batch, in float32
+        (the block's products in bf16 with ``autocast``)."""
         args, kwargs = self.extras[local]
         x = self.inputs[local].to(self.dtype)
         y = self.targets[local].to(torch.float32)
-        out = _output(self.block(x, *_cast(args, self.dtype), **_cast(kwargs, self.dtype))).float()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = _output(self.block(x, *_cast(args, self.dtype), **_cast(kwargs, self.dtype)))
+        out = out.float()
         return (out - y).pow(2).sum(), y.pow(2).sum(), y.numel()
 
     @torch.no_grad()
@@ -211,6 +231,8 @@ def reconstruct_block(
                   for w, keep in zip(weights, keeps)]
         optimizer = torch.optim.Adam([{"params": [w], "lr": 0.0} for w in weights])
         schedule = _schedule(training, options, block_index)
+        device = weights[0].device
+        autocast = options.precision == "bf16" or (options.precision == "auto" and bf16_is_native(device))
         with torch.enable_grad():
             for step, batches in enumerate(schedule):
                 decay = 0.5 * (1 + math.cos(math.pi * step / len(schedule)))
@@ -222,9 +244,9 @@ def reconstruct_block(
                     local = run.local(g)
                     if local is None:
                         continue
-                    error, norm, elements = run.squared_error(local)
+                    error, norm, elements = run.squared_error(local, autocast)
                     error.backward()
-                    totals += torch.tensor([elements, float(error), float(norm)], dtype=torch.float64)
+                    totals += torch.tensor([elements, float(error.detach()), float(norm)], dtype=torch.float64)
                 ranks.sum(totals)
                 count = totals[0]
                 for w, keep in zip(weights, keeps):
