@@ -47,9 +47,9 @@ class Reconstruction:
 
     ``steps`` Adam steps per block, each on ``batch`` calibration batches, at learning rate
     ``lr`` times the root-mean-square of each weight's kept entries (a relative step: one
-    default for weights of any scale), with cosine decay to 0 over the steps; ``holdout`` is the fraction of the calibration
-    batches kept out of training to guard each block (at least one when there are two or
-    more; with one batch the guard measures on it); ``target`` is ``"dense"`` (the dense
+    default for weights of any scale), with cosine decay to 0 over the steps. ``holdout``
+    is the fraction of the calibration batches kept out of training to guard each block (at
+    least one when there are two or more; with one batch the guard measures on it); ``target`` is ``"dense"`` (the dense
     model's activations) or ``"pruned"`` (the dense block on the pruned inputs); ``seed``
     fixes the order of the batches. ``precision`` is that of the training steps' matrix
     products: ``"fp32"``, or ``"bf16"`` under autocast (the weights, their gradients and
