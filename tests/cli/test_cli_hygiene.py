@@ -186,8 +186,11 @@ def test_ctrl_c_exits_130_and_leaves_no_output(tmp_path):
     big = tmp_path / "many.safetensors"
     save_file({f"layer.{i}.weight": torch.randn(8, 8, generator=gen) for i in range(1500)}, big)
     before = listing(tmp_path)
+    # the command starts with Ctrl-C's default action, as in a terminal: a test run launched in
+    # the background of a non-interactive shell inherits SIGINT ignored, and so would the command
     proc = subprocess.Popen(_argv(["masks", big, "--sparsity", "0.5", "-o", tmp_path / "outdir", "--no-progress"]),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # interrupt once the command is reading the checkpoint (imports are over), not before
         deadline = time.monotonic() + 120
