@@ -226,19 +226,23 @@ class SafetensorsWriter:
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        # the target is replaced only once this writer's own data, flush, fsync and close
+        # all succeeded: a failure at any of them (EIO, a full disk found at sync) leaves it as it was
+        synced = False
         try:
-            if exc_type is None and self._next != len(self._order):
-                raise ValueError(f"only {self._next} of {len(self._order)} tensors were written to {str(self.path)!r}")
-            self._handle.flush()
-            if exc_type is None:
-                os.fsync(self._handle.fileno())
-        finally:
-            self._handle.close()
-            done = exc_type is None and self._next == len(self._order)
             try:
-                if done:
-                    check_replaceable(self.path)
-                    os.replace(self._tmp, self.path)
+                if exc_type is None:
+                    if self._next != len(self._order):
+                        raise ValueError(f"only {self._next} of {len(self._order)} tensors were written to "
+                                         f"{str(self.path)!r}")
+                    self._handle.flush()
+                    os.fsync(self._handle.fileno())
+                    synced = True
             finally:
-                if os.path.exists(self._tmp):
-                    os.unlink(self._tmp)
+                self._handle.close()
+            if synced:
+                check_replaceable(self.path)
+                os.replace(self._tmp, self.path)
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)

@@ -287,6 +287,24 @@ def test_save_mask_failing_at_rename_leaves_old_file(tmp_path, monkeypatch, fmt,
     assert os.listdir(tmp_path) == [path.name]
 
 
+@pytest.mark.parametrize("fmt,packed", SAVE_FORMATS)
+def test_save_mask_failing_at_fsync_leaves_old_file(tmp_path, monkeypatch, fmt, packed):
+    # EIO or a full disk found at sync: the call fails and the old masks are still there
+    path = tmp_path / f"masks.{fmt}"
+    save_mask(some_masks(1), path, packed=packed)
+    old = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_mask(some_masks(2), path, packed=packed)
+    monkeypatch.undo()
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == [path.name]
+
+
 # --- 3. source protection and complete outputs ------------------------------------------
 
 
