@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..importance import run_batch
 from .blocks import BlockSource
 
-__all__ = ["ActivationStore", "capture_inputs", "capture_block_inputs"]
+__all__ = ["ActivationStore", "block_output", "capture_inputs", "capture_block_inputs"]
 
 
 class ActivationStore:
@@ -55,6 +55,11 @@ class ActivationStore:
             for path in self.items:
                 path.unlink(missing_ok=True)
         self.items = []
+
+
+def block_output(result: Any) -> torch.Tensor:
+    """The hidden states a decoder block returns (alone, or first of a tuple)."""
+    return result[0] if isinstance(result, (tuple, list)) else result
 
 
 class _BlockInputs(Exception):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ...distributed import Ranks
 from ...progress import bar_disabled
 from ..targets import Target
-from .activations import ActivationStore, capture_block_inputs
+from .activations import ActivationStore, block_output, capture_block_inputs
 from .blocks import BlockSource, block_targets
 from .owl import outlier_ratio, owl_sparsities
 from .plan import PruningPlan, WeightToPrune, wanda_score
@@ -44,10 +44,6 @@ from .reconstruct import reconstruct_block
 from .sparsegpt import GramAccumulator
 
 __all__ = ["run_sequential"]
-
-
-def _block_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _gather(block: nn.Module, prefix: str, targets: Sequence[Target], inputs: ActivationStore, extras: list[tuple],
@@ -65,7 +61,7 @@ def _gather(block: nn.Module, prefix: str, targets: Sequence[Target], inputs: Ac
     try:
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(extras):
-                output = _block_output(block(inputs[i], *args, **kwargs))
+                output = block_output(block(inputs[i], *args, **kwargs))
                 if next_inputs is not None:
                     next_inputs.append(output)
     finally:
@@ -77,7 +73,7 @@ def _gather(block: nn.Module, prefix: str, targets: Sequence[Target], inputs: Ac
 def _forward(block: nn.Module, inputs: ActivationStore, extras: list[tuple], outputs: ActivationStore) -> None:
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(extras):
-            outputs.append(_block_output(block(inputs[i], *args, **kwargs)))
+            outputs.append(block_output(block(inputs[i], *args, **kwargs)))
 
 
 def _sum_stats(stats: Mapping[str, GramAccumulator], ranks: Ranks) -> None:
@@ -142,19 +138,21 @@ def run_sequential(
             block = source.load(index)
             targets = block_targets(block, f"{prefix}.{index}", plan.include, plan.exclude)
             goal = None  # what the reconstruction trains the pruned block towards
+            goal_from_inputs = None  # the goal when it is the dense block on the pruned inputs
             if recon is not None:
                 goal = ActivationStore(folder, f"goal-{index}")
                 if dense_inputs is not None:
                     _forward(block, dense_inputs, extras, goal)
+                else:
+                    goal_from_inputs = goal
             stats: dict[str, GramAccumulator] = {}
             if rule.needs_data and targets:
                 # with the pruned inputs as the target, the statistics pass gives it for free
-                fill = goal if goal is not None and dense_inputs is None else None
                 stats = _gather(block, f"{prefix}.{index}", targets, inputs, extras, full=rule.gathers.full,
-                                next_inputs=fill)
+                                next_inputs=goal_from_inputs)
                 _sum_stats(stats, ranks)
-            elif goal is not None and dense_inputs is None:
-                _forward(block, inputs, extras, goal)
+            elif goal_from_inputs is not None:
+                _forward(block, inputs, extras, goal_from_inputs)
             masks = {t.name: rule.update(WeightToPrune(t.name, t.weight.data, t.out_dim, stats.get(t.name),
                                                        sparsities[index], plan), rule.score)
                      for t in targets}
@@ -169,11 +167,11 @@ def run_sequential(
             outputs = ActivationStore(folder, index + 1)
             if plan.needs_data and index + 1 < len(source):
                 _forward(block, inputs, extras, outputs)
-            if dense_inputs is not None and goal is not None:
+            if dense_inputs is not None:
                 # the dense block's outputs are the next block's dense inputs
                 if dense_inputs is not inputs:
                     dense_inputs.discard()
-                dense_inputs, goal = goal, None
+                dense_inputs = goal
             elif goal is not None:
                 goal.discard()
             inputs.discard()
@@ -183,7 +181,6 @@ def run_sequential(
         inputs.discard()
         if dense_inputs is not None:
             dense_inputs.discard()
-        inputs.discard()
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

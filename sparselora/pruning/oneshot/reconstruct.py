@@ -29,8 +29,10 @@ import torch.nn as nn
 from ...distributed import Ranks
 from ...rules import check_choice, check_int, check_number, check_positive_int
 from ..targets import Target
+from .activations import block_output
 
-__all__ = ["Reconstruction", "as_reconstruction", "reconstruct_block", "check_lr", "RECONSTRUCTION_TARGETS"]
+__all__ = ["Reconstruction", "as_reconstruction", "reconstruct_block", "split_batches", "check_lr",
+           "RECONSTRUCTION_TARGETS"]
 
 RECONSTRUCTION_TARGETS = ("dense", "pruned")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -89,10 +91,6 @@ def as_reconstruction(value: Any) -> Reconstruction | None:
         return Reconstruction(**value)
     raise TypeError(f"reconstruct={value!r} must be True, False, a Reconstruction or a dict of its fields "
                     "(steps, lr, batch, holdout, target, seed, precision)")
-
-
-def _output(result: Any) -> torch.Tensor:
-    return result[0] if isinstance(result, (tuple, list)) else result
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -169,7 +167,7 @@ class _Run:
         x = self.inputs[local].to(self.dtype)
         y = self.targets[local].to(torch.float32)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = _output(self.block(x, *_cast(args, self.dtype), **_cast(kwargs, self.dtype)))
+            out = block_output(self.block(x, *_cast(args, self.dtype), **_cast(kwargs, self.dtype)))
         out = out.float()
         return (out - y).pow(2).sum(), y.pow(2).sum(), y.numel()
 
