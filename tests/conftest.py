@@ -109,6 +109,17 @@ LLAMA_BASE_CONFIG = {
 }
 
 
+def cli_exit_code(argv: list[str]) -> int:
+    """The exit code of ``sparselora`` run in this process on ``argv``: returned by the command,
+    or raised by argparse (SystemExit) for a bad argument."""
+    from sparselora.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
     import importlib.util

@@ -269,36 +269,25 @@ def test_save_mask_refuses_to_replace_a_non_file(tmp_path, node, fmt, packed, no
     assert os.listdir(parent) == [path.name]  # no temporary file left beside it
 
 
+# the steps a save can fail at, after its data is written: the sync (EIO, a full disk found
+# there) and the rename over the old file
+FAILURES = {"fsync": (("fsync",), "Input/output error"), "rename": (("replace", "rename"), "rename refused")}
+
+
+@pytest.mark.parametrize("failing", sorted(FAILURES))
 @pytest.mark.parametrize("fmt,packed", SAVE_FORMATS)
-def test_save_mask_failing_at_rename_leaves_old_file(tmp_path, monkeypatch, fmt, packed):
+def test_save_mask_failing_late_leaves_old_file(tmp_path, monkeypatch, fmt, packed, failing):
     path = tmp_path / f"masks.{fmt}"
     save_mask(some_masks(1), path, packed=packed)
     old = path.read_bytes()
-
-    def refuse(*args, **kwargs):
-        raise OSError("rename refused")
-
-    monkeypatch.setattr(os, "replace", refuse)
-    monkeypatch.setattr(os, "rename", refuse)
-    with pytest.raises(OSError):
-        save_mask(some_masks(2), path, packed=packed)
-    monkeypatch.undo()
-    assert path.read_bytes() == old
-    assert os.listdir(tmp_path) == [path.name]
-
-
-@pytest.mark.parametrize("fmt,packed", SAVE_FORMATS)
-def test_save_mask_failing_at_fsync_leaves_old_file(tmp_path, monkeypatch, fmt, packed):
-    # EIO or a full disk found at sync: the call fails and the old masks are still there
-    path = tmp_path / f"masks.{fmt}"
-    save_mask(some_masks(1), path, packed=packed)
-    old = path.read_bytes()
+    functions, message = FAILURES[failing]
 
     def fail(*args, **kwargs):
-        raise OSError(5, "Input/output error")
+        raise OSError(5, message)
 
-    monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="Input/output error"):
+    for name in functions:
+        monkeypatch.setattr(os, name, fail)
+    with pytest.raises(OSError, match=message):
         save_mask(some_masks(2), path, packed=packed)
     monkeypatch.undo()
     assert path.read_bytes() == old

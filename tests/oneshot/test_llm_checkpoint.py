@@ -16,7 +16,7 @@ from sparselora.pruning.oneshot import prune_checkpoint, prune_model
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import VOCAB, run_torchrun  # noqa: E402
+from conftest import VOCAB, cli_exit_code, run_torchrun  # noqa: E402
 from conftest import token_batches as batches  # noqa: E402
 from conftest import write_llama_checkpoint as write_checkpoint  # noqa: E402
 
@@ -116,11 +116,7 @@ def test_prune_command_writes_a_loadable_checkpoint_and_masks(checkpoint, tmp_pa
     (["--calibration", "missing.txt"], "does not exist"),
 ])
 def test_prune_command_rejects_bad_arguments(checkpoint, tmp_path, capsys, argv, message):
-    try:
-        code = main(["prune", str(checkpoint), "-o", str(tmp_path / "out"), "--no-progress", *argv])
-    except SystemExit as exc:
-        code = exc.code
-    assert code == 2
+    assert cli_exit_code(["prune", str(checkpoint), "-o", str(tmp_path / "out"), "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

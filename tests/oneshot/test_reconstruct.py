@@ -21,7 +21,7 @@ from sparselora.pruning.oneshot.reconstruct import split_batches
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import run_torchrun, tiny_gpt2, tiny_llama, token_batches, write_llama_checkpoint  # noqa: E402
+from conftest import cli_exit_code, run_torchrun, tiny_gpt2, tiny_llama, token_batches, write_llama_checkpoint  # noqa: E402
 
 QUICK = {"steps": 6, "lr": 1e-2}
 
@@ -249,11 +249,7 @@ def test_prune_command_reconstructs_and_validates(checkpoint, tmp_path, capsys):
     (["--reconstruct-steps", "4"], "--reconstruct-steps only apply with --reconstruct"),
 ])
 def test_prune_command_rejects_bad_reconstruction_options(checkpoint, tmp_path, capsys, argv, message):
-    try:
-        code = main(["prune", str(checkpoint), "-o", str(tmp_path / "out"), "--no-progress", *argv])
-    except SystemExit as exc:
-        code = exc.code
-    assert code == 2
+    assert cli_exit_code(["prune", str(checkpoint), "-o", str(tmp_path / "out"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len([line for line in err.splitlines() if "Error" in line or "error" in line]) == 1
     assert not (tmp_path / "out").exists()
