@@ -39,9 +39,9 @@ def adapter_step(rank: int, lr: float, state_sizes: list[int]):
 
     def reconstruct(block, targets, masks, inputs, goal, extras, options, *, batch_count, block_index, ranks=None,
                     report=None):
-        prefix = targets[0].name.split(".self_attn.")[0].split(".mlp.")[0] + "."
+        prefix = f"model.layers.{block_index}."  # the parameter names seen from the block
         local = {t.name[len(prefix):]: masks[t.name] for t in targets}
-        modules = sorted({name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for name in local})
+        modules = sorted({t.module_name.rsplit(".", 1)[-1] for t in targets})
         apply_sparse_lora(block, local, SparseLoRAConfig(r=rank, alpha=2 * rank, dropout=0.0,
                                                          sparsity_mode="sparse_to_sparse", target_modules=modules))
         params = [p for p in block.parameters() if p.requires_grad]
