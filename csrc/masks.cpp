@@ -45,11 +45,6 @@ const LaneMasks<uint16_t>& lanes16() {
   static const LaneMasks<uint16_t> table;
   return table;
 }
-const LaneMasks<uint8_t>& lanes8() {
-  static const LaneMasks<uint8_t> table;
-  return table;
-}
-
 template <typename T>
 void apply_packed(T* w, int64_t begin, int64_t end, const uint8_t* mask, const LaneMasks<T>& table) {
   // begin is a multiple of 8 (blocks are whole bytes); the last partial byte goes bit by bit
@@ -62,18 +57,6 @@ void apply_packed(T* w, int64_t begin, int64_t end, const uint8_t* mask, const L
 }
 
 }  // namespace
-
-void expand_bits(const uint8_t* packed, int64_t start, int64_t n, uint8_t* keep) {
-  int64_t j = 0;
-  if ((start & 7) == 0) {
-    const auto& table = lanes8();
-    for (; j + 8 <= n; j += 8) {
-      const uint8_t* lane = table.rows[packed[(start + j) >> 3]];
-      for (int b = 0; b < 8; ++b) keep[j + b] = lane[b] & 1u;
-    }
-  }
-  for (; j < n; ++j) keep[j] = (packed[(start + j) >> 3] >> ((start + j) & 7)) & 1u;
-}
 
 void apply_mask(void* weights, int dtype, int64_t n, const uint8_t* mask, int layout, int threads) {
   check_dtype(dtype);

@@ -10,7 +10,5 @@ void pack_bits(const uint8_t* bools, int64_t n, uint8_t* packed, int threads);
 void unpack_bits(const uint8_t* packed, int64_t n, uint8_t* bools, int threads);
 // Zero weights[i] wherever mask element i is 0 (NaN and inf included).
 void apply_mask(void* weights, int dtype, int64_t n, const uint8_t* mask, int layout, int threads);
-// keep[j] = element start + j of a packed mask (0 or 1), for j < n.
-void expand_bits(const uint8_t* packed, int64_t start, int64_t n, uint8_t* keep);
 
 }  // namespace sparselora

@@ -38,6 +38,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("PACKED_BITS") = static_cast<int>(kPackedBits);
 
   m.def("simd_enabled", &simd_enabled, "whether the AVX2/FMA kernels are in use");
+  m.def("simd_level", &simd_level, "0: portable kernels, 1: AVX2/FMA, 2: AVX-512 (the merge)");
+  m.def("set_simd_level", &set_simd_level, "use kernels up to this level (clamped to the CPU's); returns the level");
   m.def("set_simd", &set_simd, "use the AVX2/FMA kernels when the CPU has them (True) or the portable ones",
         py::arg("on"));
 
@@ -124,10 +126,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "merge_lora",
       [](uintptr_t W, int dtype, int64_t rows, int64_t cols, uintptr_t A, uintptr_t B, int64_t r, double scaling,
-         uintptr_t mask, int layout, uintptr_t dst, int threads) {
+         uintptr_t mask, int layout, uintptr_t dst, int threads, uintptr_t sums) {
         merge_lora(W ? ptr<const void>(W) : nullptr, dtype, rows, cols, ptr<const float>(A), ptr<const float>(B), r,
-                   static_cast<float>(scaling), mask ? ptr<const uint8_t>(mask) : nullptr, layout, ptr(dst), threads);
+                   static_cast<float>(scaling), mask ? ptr<const uint8_t>(mask) : nullptr, layout,
+                   dst ? ptr(dst) : nullptr, threads, sums ? ptr<double>(sums) : nullptr);
       },
-      "dst = (W + scaling * B @ A) * mask, fp32 accumulation, one pass",
+      "dst = (W + scaling * B @ A) * mask (dst 0: not stored), fp32 accumulation, one pass; sums (0: none) += "
+      "[|(s*B@A) * ~mask|^2, |s*B@A|^2, |W + s*B@A|^2] as 3 float64",
       py::call_guard<py::gil_scoped_release>());
 }

@@ -10,16 +10,19 @@
 namespace sparselora {
 namespace {
 
-bool cpu_has_avx2_fma() {
+int best_simd_level() {
 #ifdef SPARSELORA_X86
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  return avx512 ? 2 : 1;
 #else
-  return false;
+  return 0;
 #endif
 }
 
-std::atomic<bool> use_simd{cpu_has_avx2_fma()};
+std::atomic<int> level{best_simd_level()};
 
 // ---- portable versions ----
 
@@ -104,28 +107,6 @@ int64_t settle_bytes_scalar(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quo
       out[i] = b > pivot;
   }
   return written;
-}
-
-void delta_tile_scalar(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0,
-                       int64_t n_cols, float* acc) {
-  for (int64_t x = 0; x < 4 * 64; ++x) acc[x] = 0.0f;
-  for (int64_t p = 0; p < r; ++p)
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < n_cols; ++j) acc[i * 64 + j] = std::fma(b[i * r + p], A[p * cols + c0 + j], acc[i * 64 + j]);
-}
-
-void finish_f32_scalar(const float* w, const float* acc, const uint8_t* keep, int64_t n, float* dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = (w ? w[j] : 0.0f) + acc[j];
-    dst[j] = keep[j] ? v : 0.0f;  // a pruned slot is an exact 0, even when v is NaN
-  }
-}
-
-void finish_bf16_scalar(const uint16_t* w, const float* acc, const uint8_t* keep, int64_t n, uint16_t* dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = (w ? bits_float(bf16_to_float_bits(w[j])) : 0.0f) + acc[j];
-    dst[j] = keep[j] ? float_to_bf16(v) : uint16_t(0);
-  }
 }
 
 #ifdef SPARSELORA_X86
@@ -294,89 +275,23 @@ AVX2 int64_t settle_bytes_avx2(uint8_t* out, int64_t n, uint8_t pivot, int64_t* 
   return written + tail;
 }
 
-AVX2 void delta_tile_avx2(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0,
-                          int64_t n_cols, float* acc) {
-  if (rows != 4 || n_cols != 64) {
-    delta_tile_scalar(A, cols, r, b, rows, c0, n_cols, acc);
-    return;
-  }
-  for (int64_t s = 0; s < 64; s += 16) {  // 4 rows x 16 columns: 8 accumulators in registers
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    for (int64_t p = 0; p < r; ++p) {
-      const float* row = A + p * cols + c0 + s;
-      const __m256 x0 = _mm256_loadu_ps(row), x1 = _mm256_loadu_ps(row + 8);
-      __m256 bi = _mm256_broadcast_ss(b + p);
-      a00 = _mm256_fmadd_ps(bi, x0, a00);
-      a01 = _mm256_fmadd_ps(bi, x1, a01);
-      bi = _mm256_broadcast_ss(b + r + p);
-      a10 = _mm256_fmadd_ps(bi, x0, a10);
-      a11 = _mm256_fmadd_ps(bi, x1, a11);
-      bi = _mm256_broadcast_ss(b + 2 * r + p);
-      a20 = _mm256_fmadd_ps(bi, x0, a20);
-      a21 = _mm256_fmadd_ps(bi, x1, a21);
-      bi = _mm256_broadcast_ss(b + 3 * r + p);
-      a30 = _mm256_fmadd_ps(bi, x0, a30);
-      a31 = _mm256_fmadd_ps(bi, x1, a31);
-    }
-    _mm256_storeu_ps(acc + s, a00);
-    _mm256_storeu_ps(acc + s + 8, a01);
-    _mm256_storeu_ps(acc + 64 + s, a10);
-    _mm256_storeu_ps(acc + 64 + s + 8, a11);
-    _mm256_storeu_ps(acc + 128 + s, a20);
-    _mm256_storeu_ps(acc + 128 + s + 8, a21);
-    _mm256_storeu_ps(acc + 192 + s, a30);
-    _mm256_storeu_ps(acc + 192 + s + 8, a31);
-  }
-}
-
-AVX2 inline __m256 keep_mask8(const uint8_t* keep) {
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep));
-  const __m256i wide = _mm256_cvtepu8_epi32(bytes);
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(wide, _mm256_setzero_si256()));
-}
-
-AVX2 void finish_f32_avx2(const float* w, const float* acc, const uint8_t* keep, int64_t n, float* dst) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 base = w ? _mm256_loadu_ps(w + j) : _mm256_setzero_ps();
-    const __m256 v = _mm256_add_ps(base, _mm256_loadu_ps(acc + j));
-    _mm256_storeu_ps(dst + j, _mm256_and_ps(v, keep_mask8(keep + j)));
-  }
-  finish_f32_scalar(w ? w + j : nullptr, acc + j, keep + j, n - j, dst + j);
-}
-
-AVX2 void finish_bf16_avx2(const uint16_t* w, const float* acc, const uint8_t* keep, int64_t n, uint16_t* dst) {
-  int64_t j = 0;
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-  for (; j + 8 <= n; j += 8) {
-    __m256 base = _mm256_setzero_ps();
-    if (w) {
-      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
-      base = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-    }
-    const __m256i u = _mm256_castps_si256(_mm256_add_ps(base, _mm256_loadu_ps(acc + j)));
-    // round to nearest even; NaN stays a quiet NaN
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-    __m256i out = _mm256_blendv_epi8(rounded, quiet, is_nan);
-    out = _mm256_and_si256(out, _mm256_castps_si256(keep_mask8(keep + j)));
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm256_castsi256_si128(packed));
-  }
-  finish_bf16_scalar(w ? w + j : nullptr, acc + j, keep + j, n - j, dst + j);
-}
 #endif
 
 }  // namespace
 
-bool simd_enabled() { return use_simd.load(); }
+bool simd_enabled() { return level.load() > 0; }
 
-void set_simd(bool on) { use_simd = on && cpu_has_avx2_fma(); }
+void set_simd(bool on) { level = on ? best_simd_level() : 0; }
+
+int simd_level() { return level.load(std::memory_order_relaxed); }
+
+int set_simd_level(int wanted) {
+  level = std::max(0, std::min(wanted, best_simd_level()));
+  return level.load();
+}
 
 #ifdef SPARSELORA_X86
-#define SPARSELORA_PICK(name, ...) (use_simd.load(std::memory_order_relaxed) ? name##_avx2(__VA_ARGS__) : name##_scalar(__VA_ARGS__))
+#define SPARSELORA_PICK(name, ...) (level.load(std::memory_order_relaxed) > 0 ? name##_avx2(__VA_ARGS__) : name##_scalar(__VA_ARGS__))
 #else
 #define SPARSELORA_PICK(name, ...) name##_scalar(__VA_ARGS__)
 #endif
@@ -395,19 +310,6 @@ void scan_bytes(const void* data, bool bf16, int64_t n, bool absolute, uint32_t 
 
 int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
   return SPARSELORA_PICK(settle_bytes, out, n, pivot, quota, found);
-}
-
-void delta_tile(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0, int64_t n_cols,
-                float* acc) {
-  SPARSELORA_PICK(delta_tile, A, cols, r, b, rows, c0, n_cols, acc);
-}
-
-void finish_f32(const float* w, const float* acc, const uint8_t* keep, int64_t n, float* dst) {
-  SPARSELORA_PICK(finish_f32, w, acc, keep, n, dst);
-}
-
-void finish_bf16(const uint16_t* w, const float* acc, const uint8_t* keep, int64_t n, uint16_t* dst) {
-  SPARSELORA_PICK(finish_bf16, w, acc, keep, n, dst);
 }
 
 }  // namespace sparselora

@@ -1,4 +1,4 @@
-// AVX2/FMA versions of the innermost loops, chosen at run time when the CPU has them.
+// AVX2/FMA (and, for the merge, AVX-512) versions of the innermost loops, chosen at run time when the CPU has them.
 // Each has a portable scalar twin that gives bit-identical results; set_simd(false)
 // forces the scalar ones (tests run both).
 #pragma once
@@ -9,6 +9,11 @@ namespace sparselora {
 
 bool simd_enabled();
 void set_simd(bool on);
+
+// 0: portable, 1: AVX2/FMA, 2: AVX-512 (F, BW, VL) where the merge has kernels for it.
+// set_simd_level clamps to what the CPU has and returns the level now in use.
+int simd_level();
+int set_simd_level(int wanted);
 
 // Scan of fp32 bit patterns against a bracket [lo, hi]: adds to below (key < lo),
 // inside (lo <= key <= hi) and nonfinite; writes keep = key > hi when keep != null, as bytes
@@ -32,13 +37,5 @@ void scan_bytes(const void* data, bool bf16, int64_t n, bool absolute, uint32_t 
 // (room for n); without, the first *quota of them become 0 (counted down) and the rest 1.
 // Returns how many offsets it wrote.
 int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found);
-
-// acc[i*64 + j] = sum_p b[i*r + p] * A[p*cols + c0 + j] for i < rows (<= 4), j < n_cols (<= 64).
-void delta_tile(const float* A, int64_t cols, int64_t r, const float* b, int64_t rows, int64_t c0, int64_t n_cols,
-                float* acc);
-
-// dst[j] = keep[j] ? (w ? w[j] : 0) + acc[j] : 0 for fp32 / bf16 (as uint16) rows.
-void finish_f32(const float* w, const float* acc, const uint8_t* keep, int64_t n, float* dst);
-void finish_bf16(const uint16_t* w, const float* acc, const uint8_t* keep, int64_t n, uint16_t* dst);
 
 }  // namespace sparselora

@@ -32,9 +32,19 @@ from ..ops.masks import check_keep_mask, pack_bits, unpack_bits
 from ..pruning.targets import is_hf_conv1d as is_conv1d
 from .config import SparseLoRAConfig
 
-__all__ = ["SparseLoRALinear", "is_conv1d", "autocast_dtype"]
+__all__ = ["SparseLoRALinear", "is_conv1d", "autocast_dtype", "merge_change_from"]
 
 MASK_KEY = "weight_mask"
+
+
+def merge_change_from(norms: torch.Tensor) -> dict[str, float]:
+    """The merge report of one layer from its squared norms ``[‖(s·BA) ⊙ ¬M‖², ‖s·BA‖²,
+    ‖W + s·BA‖²]``: ``dropped_update`` and ``relative_change`` (0 where the denominator is)."""
+    dropped, update, merged = (float(v) ** 0.5 for v in norms.tolist())
+    return {
+        "dropped_update": dropped / update if update else 0.0,
+        "relative_change": dropped / merged if merged else 0.0,
+    }
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -272,10 +282,20 @@ class SparseLoRALinear(nn.Module):
     def _merged_weight(self, mask: torch.Tensor | None) -> torch.Tensor:
         return self._merge_into(self.weight.detach().clone(), mask)
 
-    def _merge_into(self, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.fan_in_fan_out:  # the stored (in, out) weight takes s·Aᵀ Bᵀ
-            return ops.merge_lora_(target, self.lora_B.t(), self.lora_A.t(), self.scaling, mask)
-        return ops.merge_lora_(target, self.lora_A, self.lora_B, self.scaling, mask)
+    def _stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # the stored (in, out) weight of a Conv1D takes s·Aᵀ Bᵀ
+        return (self.lora_B.t(), self.lora_A.t()) if self.fan_in_fan_out else (self.lora_A, self.lora_B)
+
+    def _merge_into(self, target: torch.Tensor, mask: torch.Tensor | None, norms: torch.Tensor | None = None) -> torch.Tensor:
+        a, b = self._stored_factors()
+        return ops.merge_lora_(target, a, b, self.scaling, mask, norms=norms)
+
+    @torch.no_grad()
+    def update_norms(self) -> torch.Tensor:
+        """float64 ``[‖(s·BA) ⊙ ¬M‖², ‖s·BA‖², ‖W + s·BA‖²]`` (the first 0 without a mask), in
+        one read of the weight and no weight-sized temporary."""
+        a, b = self._stored_factors()
+        return ops.lora_update_norms(self.weight, a, b, self.scaling, self._mask_bits)
 
     @torch.no_grad()
     def merge_change(self) -> dict[str, float]:
@@ -283,26 +303,17 @@ class SparseLoRALinear(nn.Module):
         the adapter's update lost) and ``relative_change`` = ‖(s·BA) ⊙ ¬M‖ / ‖W + s·BA‖."""
         if self._mask_bits is None:
             return {"dropped_update": 0.0, "relative_change": 0.0}
-        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        if self.fan_in_fan_out:
-            delta = delta.t()
-        dropped = delta.masked_fill(self.weight_mask, 0)
-        full = self.weight.float() + delta
-        dropped_norm = float(dropped.norm())
-        update_norm, full_norm = float(delta.norm()), float(full.norm())
-        return {
-            "dropped_update": dropped_norm / update_norm if update_norm else 0.0,
-            "relative_change": dropped_norm / full_norm if full_norm else 0.0,
-        }
+        return merge_change_from(self.update_norms())
 
     @torch.no_grad()
-    def merge(self, preserve_sparsity: bool | None = None) -> nn.Module:
+    def merge(self, preserve_sparsity: bool | None = None, *, norms: torch.Tensor | None = None) -> nn.Module:
         """Fold the adapter into the base weight (in place) and return a plain module
         (``nn.Linear``, or ``Conv1D`` for a Conv1D base).
 
         ``preserve_sparsity`` (default: the config's ``preserve_sparsity_on_merge``) masks
         the merged weight. sparse_to_sparse layers always merge masked: that is the
-        function they were trained as.
+        function they were trained as. ``norms`` (float64, shape (3,)) receives the squared
+        norms :func:`merge_change_from` turns into the merge report, from the merge's own pass.
         """
         if preserve_sparsity is None:
             preserve_sparsity = self.preserve_sparsity_on_merge
@@ -314,7 +325,7 @@ class SparseLoRALinear(nn.Module):
             )
             preserve_sparsity = True
         mask = self._mask_bits if preserve_sparsity else None
-        self._merge_into(self.weight.data, mask)
+        self._merge_into(self.weight.data, mask, norms)
         self._cache = None
         with torch.device("meta"):
             if self.fan_in_fan_out:

@@ -15,6 +15,7 @@ Conventions follow PEFT: ``scaling = alpha / r``, ``lora_A`` ``(r, in)`` Kaiming
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +29,7 @@ from ..pruning.targets import normalise_mask_keys, refuse_peft_model
 from ..pruning.mask_generator import compute_unstructured_mask
 from ..pruning.mask_ops import apply_masks_to_model
 from .config import SparseLoRAConfig
-from .layer import SparseLoRALinear, is_conv1d
+from .layer import SparseLoRALinear, is_conv1d, merge_change_from
 
 __all__ = [
     "apply_sparse_lora",
@@ -163,34 +164,54 @@ def merge_all_lora_weights(
         layers = sparse_lora_layers(model)
     if not layers:
         raise ValueError("model has no sparse LoRA layers to merge (apply_sparse_lora first)")
+    # the report's norms come from the merge's own pass (or the safe_merge check's): no extra read
+    norms = {name: torch.empty(3, dtype=torch.float64, device=layer.weight.device)
+             for name, layer in layers if _drops_update(layer, preserve_sparsity)}
     if safe_merge:
         for name, layer in layers:
-            for what, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("merged weight", layer.effective_weight())):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"safe_merge: {what} of layer {name or '<model>'!r} holds NaN or inf; nothing was merged")
-    _warn_dropped_updates(layers, preserve_sparsity, warn_above)
+            _check_finite_merge(name, layer, norms)
+    merged = {name: layer.merge(preserve_sparsity, norms=None if safe_merge else norms.get(name))
+              for name, layer in layers}
+    _warn_dropped_updates({name: merge_change_from(n)["dropped_update"] for name, n in norms.items()}, warn_above)
     if isinstance(model, SparseLoRALinear):
-        return model.merge(preserve_sparsity)
-    for name, layer in layers:
-        _set_submodule(model, name, layer.merge(preserve_sparsity))
+        return merged[""]
+    for name, plain in merged.items():
+        _set_submodule(model, name, plain)
     return model
 
 
-def _warn_dropped_updates(layers, preserve_sparsity: bool | None, warn_above: float) -> None:
-    losses = []
-    for name, layer in layers:
-        masked = layer.preserve_sparsity_on_merge if preserve_sparsity is None else preserve_sparsity
-        if masked and not layer.masks_delta and layer.packed_mask is not None:
-            losses.append((layer.merge_change()["dropped_update"], name))
-    big = [(loss, name) for loss, name in losses if loss > warn_above]
+def _drops_update(layer: SparseLoRALinear, preserve_sparsity: bool | None) -> bool:
+    """Whether merging ``layer`` masks a trained dense update (sparse_to_dense, masked merge)."""
+    masked = layer.preserve_sparsity_on_merge if preserve_sparsity is None else preserve_sparsity
+    return bool(masked) and not layer.masks_delta and layer.packed_mask is not None
+
+
+def _check_finite_merge(name: str, layer: SparseLoRALinear, norms: dict[str, torch.Tensor]) -> None:
+    """safe_merge: refuse NaN/inf in the adapters or the merged weight, before anything changes.
+    The merged weight is judged by its squared norm (one read); only a non-finite norm, which a
+    huge finite weight could also give, is confirmed element by element."""
+    where = name or "<model>"
+    for what, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"safe_merge: {what} of layer {where!r} holds NaN or inf; nothing was merged")
+    found = layer.update_norms()
+    if name in norms:
+        norms[name].copy_(found)
+    if not math.isfinite(float(found[2])) and not bool(torch.isfinite(layer.effective_weight()).all()):
+        raise ValueError(f"safe_merge: merged weight of layer {where!r} holds NaN or inf; nothing was merged")
+
+
+def _warn_dropped_updates(losses: dict[str, float], warn_above: float) -> None:
+    big = [(loss, name) for name, loss in losses.items() if loss > warn_above]
     if big:
         worst, where = max(big)
         warnings.warn(
-            f"merging with preserve_sparsity drops the part of the trained sparse_to_dense update that falls on "
+            f"merging with preserve_sparsity dropped the part of the trained sparse_to_dense update that falls on "
             f"pruned weights: more than {warn_above:.0%} of the update in {len(big)} of {len(losses)} layers "
             f"(worst {worst:.0%}, {where!r}), so the merged model computes a different function from the trained "
             "one. Train with sparsity_mode='sparse_to_sparse' for an exact sparse merge, or merge with "
-            "preserve_sparsity=False to keep the trained function (dense). merge_report(model) gives every layer.",
+            "preserve_sparsity=False to keep the trained function (dense). merge_report(model) gives every layer "
+            "before a merge.",
             UserWarning,
             stacklevel=3,
         )

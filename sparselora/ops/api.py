@@ -34,6 +34,7 @@ __all__ = [
     "streaming_threshold",
     "apply_mask_",
     "merge_lora_",
+    "lora_update_norms",
     "masked_lora_weight",
     "masked_lora_linear",
 ]
@@ -223,23 +224,60 @@ def _check_compute_dtypes(dtype: torch.dtype, lora_A: torch.Tensor, **tensors: t
         )
 
 
+def _check_norms_out(norms: torch.Tensor, weight: torch.Tensor) -> None:
+    if not isinstance(norms, torch.Tensor) or norms.dtype != torch.float64 or tuple(norms.shape) != (3,):
+        raise TypeError(f"norms must be a float64 tensor of shape (3,); got {_describe(norms)}")
+    if norms.device != weight.device:
+        raise ValueError(f"norms is on {norms.device}; the weight is on {weight.device}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def merge_lora_(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None = None,
+    *,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place ``W ← (W + scaling·B@A) ⊙ M`` with fp32 accumulation (no mask: dense merge).
 
-    The adapters may be in any floating dtype; ``mask`` is bool or packed bits.
+    The adapters may be in any floating dtype; ``mask`` is bool or packed bits. ``norms`` (a
+    float64 tensor of shape (3,) on the weight's device) receives, from the same pass,
+    ``[‖(s·BA) ⊙ ¬M‖², ‖s·BA‖², ‖W + s·BA‖²]`` with W as it was before the merge (see
+    :func:`lora_update_norms`).
     """
     _check_lora(weight, lora_A, lora_B, scaling)
     if mask is not None:
         _check_mask_for(weight, mask)
+    if norms is not None:
+        _check_norms_out(norms, weight)
     with torch.no_grad():
-        library.call(library.merge_lora_, weight, lora_A.detach(), lora_B.detach(), float(scaling), mask)
+        library.call(library.merge_lora_, weight, lora_A.detach(), lora_B.detach(), float(scaling), mask, norms)
     return weight
+
+
+def lora_update_norms(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What a masked merge would drop, as float64 ``[‖(s·BA) ⊙ ¬M‖², ‖s·BA‖², ‖W + s·BA‖²]``
+    (the first is 0 without a mask), in one read of the weight and no weight-sized temporary.
+    Nothing is written."""
+    _check_lora(weight, lora_A, lora_B, scaling)
+    if mask is not None:
+        _check_mask_for(weight, mask)
+    with torch.no_grad():
+        return library.call(library.lora_update_norms, weight, lora_A.detach(), lora_B.detach(), float(scaling), mask)
 
 
 def masked_lora_weight(

@@ -223,32 +223,53 @@ def release_workspaces() -> int:
     return released
 
 
-def _merge_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
+def _merge_reason(weight, lora_A, lora_B, scaling, mask, norms=None) -> str | None:
     return _first_reason(_inplace_reason(weight, mask), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"))
+
+
+def _norms_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
+    return _first_reason(_tensor_reason(weight, "weight"), _tensor_reason(lora_A, "lora_A"),
+                         _tensor_reason(lora_B, "lora_B"), _mask_reason(mask))
 
 
 def _effective_weight(
     weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-    mask: torch.Tensor | None, out: torch.Tensor, transposed: bool = False,
-) -> torch.Tensor:
-    """``out ← (W + s·B@A) ⊙ M`` in one pass; ``transposed``: W, M and out are (in, out)."""
+    mask: torch.Tensor | None, out: torch.Tensor | None, transposed: bool = False,
+    norms: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``out ← (W + s·B@A) ⊙ M`` in one pass; ``transposed``: W, M and out are (in, out).
+
+    ``out=None`` stores nothing; ``norms`` (float64, 3) receives the merge report's squared
+    norms from the same pass."""
     if transposed:  # (W_t + s·Aᵀ Bᵀ) ⊙ M_t
         lora_A, lora_B = lora_B.t(), lora_A.t()
-    rows, cols = out.shape
+    rows, cols = lora_B.shape[0], lora_A.shape[1]
     a = lora_A.detach().float().contiguous()
     b = lora_B.detach().float().contiguous()
     keep, layout = (None, _C.BOOL_BYTES) if mask is None else _mask_layout(mask)
     base = None if weight is None else weight.detach().contiguous()
+    dtype = (out if out is not None else base).dtype
+    sums = None if norms is None else torch.zeros(3, dtype=torch.float64)
     _C.merge_lora(
-        0 if base is None else base.data_ptr(), _DTYPE_CODES[out.dtype], rows, cols, a.data_ptr(), b.data_ptr(),
-        a.shape[0], scaling, 0 if keep is None else keep.data_ptr(), layout, out.data_ptr(), _threads(),
+        0 if base is None else base.data_ptr(), _DTYPE_CODES[dtype], rows, cols, a.data_ptr(), b.data_ptr(),
+        a.shape[0], scaling, 0 if keep is None else keep.data_ptr(), layout, 0 if out is None else out.data_ptr(),
+        _threads(), 0 if sums is None else sums.data_ptr(),
     )
+    if norms is not None:
+        norms.copy_(sums)
     return out
 
 
 @register("merge_lora_", "cpp", priority=CPP_PRIORITY, check=_merge_reason)
-def merge_lora_(weight, lora_A, lora_B, scaling, mask):
-    return _effective_weight(weight, lora_A, lora_B, scaling, mask, weight)
+def merge_lora_(weight, lora_A, lora_B, scaling, mask, norms=None):
+    return _effective_weight(weight, lora_A, lora_B, scaling, mask, weight, norms=norms)
+
+
+@register("lora_update_norms", "cpp", priority=CPP_PRIORITY, check=_norms_reason)
+def lora_update_norms(weight, lora_A, lora_B, scaling, mask):
+    norms = torch.empty(3, dtype=torch.float64)
+    _effective_weight(weight, lora_A, lora_B, scaling, mask, None, norms=norms)
+    return norms
 
 
 def _lora_reason(weight, lora_A, lora_B, scaling, mask, *_args) -> str | None:

@@ -24,6 +24,7 @@ OPS = (
     "apply_mask_",
     "masked_copy",
     "merge_lora_",
+    "lora_update_norms",
     "masked_lora_weight",
     "masked_lora_linear",
     "masked_lora_input_grad",
@@ -166,16 +167,30 @@ def _(score, k, absolute, prior):
 
 # ----- merge ------------------------------------------------------------------------------
 
-def _merge_lora_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, mask: Optional[Tensor]) -> None:
-    _run("merge_lora_", weight, lora_A, lora_B, scaling, mask)
+def _merge_lora_(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, mask: Optional[Tensor], norms: Optional[Tensor]
+) -> None:
+    _run("merge_lora_", weight, lora_A, lora_B, scaling, mask, norms)
 
 
-merge_lora_ = _define("merge_lora_", _merge_lora_, mutates_args=("weight",))
+merge_lora_ = _define("merge_lora_", _merge_lora_, mutates_args=("weight", "norms"))
 
 
 @merge_lora_.register_fake
-def _(weight, lora_A, lora_B, scaling, mask):
+def _(weight, lora_A, lora_B, scaling, mask, norms):
     return None
+
+
+def _lora_update_norms(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, mask: Optional[Tensor]) -> Tensor:
+    return _run("lora_update_norms", weight, lora_A, lora_B, scaling, mask)
+
+
+lora_update_norms = _define("lora_update_norms", _lora_update_norms)
+
+
+@lora_update_norms.register_fake
+def _(weight, lora_A, lora_B, scaling, mask):
+    return weight.new_empty(3, dtype=torch.float64)
 
 
 # ----- masked LoRA: the effective weight (W + s·B@A) ⊙ M ----------------------------------

@@ -21,6 +21,7 @@ __all__ = [
     "select_prune_mask",
     "apply_mask_",
     "merge_lora_",
+    "lora_update_norms",
     "masked_lora_weight",
     "masked_lora_linear",
     "masked_lora_input_grad",
@@ -104,6 +105,14 @@ def _merged(weight, lora_A, lora_B, scaling, mask, acc: torch.dtype) -> torch.Te
     return merged if mask is None else merged.masked_fill(~as_bool_keep(mask, merged.shape), 0)
 
 
+def _update_norms(weight, lora_A, lora_B, scaling, mask) -> torch.Tensor:
+    """[‖(s·BA) ⊙ ¬M‖², ‖s·BA‖², ‖W + s·BA‖²] in float64."""
+    delta = scaling * (lora_B.double() @ lora_A.double())
+    dropped = delta.masked_fill(as_bool_keep(mask, delta.shape), 0) if mask is not None else torch.zeros(())
+    merged = delta + weight.double()
+    return torch.stack([dropped.square().sum(), delta.square().sum(), merged.square().sum()]).to(torch.float64)
+
+
 @register("merge_lora_", "reference", priority=REFERENCE_PRIORITY)
 def merge_lora_(
     weight: torch.Tensor,
@@ -111,8 +120,18 @@ def merge_lora_(
     lora_B: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if norms is not None:
+        norms.copy_(_update_norms(weight, lora_A, lora_B, scaling, mask))
     return weight.copy_(_merged(weight, lora_A, lora_B, scaling, mask, _accumulate_dtype(weight)))
+
+
+@register("lora_update_norms", "reference", priority=REFERENCE_PRIORITY)
+def lora_update_norms(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    return _update_norms(weight, lora_A, lora_B, scaling, mask).to(weight.device)
 
 
 @register("masked_lora_weight", "reference", priority=REFERENCE_PRIORITY)

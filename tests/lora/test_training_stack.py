@@ -99,9 +99,12 @@ def op_cases(packed: bool):
         ("masked_lora_adapter_grad", (dy, x.detach(), a, b, s, keep(mask), False, True)),
         ("masked_lora_adapter_grad", (dy, x.detach(), a, b, s, keep(mask_t), True, False)),
         ("masked_lora_adapter_grad", (dy.to(bf), x.detach().to(bf), a, b, s, keep(mask), False, True)),
-        ("merge_lora_", (weight.clone(), a, b, s, keep(mask))),
-        ("merge_lora_", (weight.t().contiguous(), b.t(), a.t(), s, keep(mask_t))),
-        ("merge_lora_", (weight.clone(), a, b, s, None)),
+        ("merge_lora_", (weight.clone(), a, b, s, keep(mask), None)),
+        ("merge_lora_", (weight.t().contiguous(), b.t(), a.t(), s, keep(mask_t), None)),
+        ("merge_lora_", (weight.clone(), a, b, s, None, None)),
+        ("merge_lora_", (weight.clone(), a, b, s, keep(mask), torch.zeros(3, dtype=torch.float64))),
+        ("lora_update_norms", (weight, a, b, s, keep(mask))),
+        ("lora_update_norms", (weight.t().contiguous().to(bf), b.t(), a.t(), s, None)),
         ("apply_mask_", (weight.clone(), keep(mask))),
         ("masked_copy", (weight, keep(mask))),
         ("select_prune_mask", ([weight, score], 31, True)),
@@ -746,7 +749,7 @@ def test_merge_report_and_dropped_update_warning():
         assert values["dropped_update"] == pytest.approx(dropped / float(delta.norm()), rel=1e-5)
         assert values["relative_change"] == pytest.approx(dropped / float((layer.weight + delta).norm()), rel=1e-5)
         assert values["relative_change"] > 0.0
-    with pytest.warns(UserWarning, match="drops"):
+    with pytest.warns(UserWarning, match="dropped the part of the trained sparse_to_dense update"):
         merge_all_lora_weights(trained)
 
     s2s = randomize_lora_B(wrapped_llama(masks, "sparse_to_sparse"))

@@ -333,27 +333,72 @@ def test_kernels_work_in_a_forked_child():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_portable_kernels_give_identical_results(dtype):
-    """The AVX2/FMA kernels and their portable twins agree bit for bit."""
+    """The AVX2/FMA (and AVX-512) kernels and their portable twins agree bit for bit."""
     gen = torch.Generator().manual_seed(9)
     scores = [torch.randint(-9, 9, (70_001,), generator=gen).to(dtype), torch.randn(4099, generator=gen).to(dtype)]
     weight = torch.randn(37, 131, generator=gen).to(dtype)
+    weight[3, 5], weight[9, 70] = float("nan"), float("inf")  # kept or pruned: the same bits everywhere
     lora_A, lora_B = torch.randn(16, 131, generator=gen).to(dtype), torch.randn(37, 16, generator=gen).to(dtype)
     mask = torch.rand(37, 131, generator=gen) > 0.5
     results = []
-    was = cpp._C.simd_enabled()
+    for level in simd_levels():
+        masks = cpp.select_prune_mask(scores, 30_000, False)
+        threshold = cpp.prune_threshold(scores, 30_000, False)
+        masks.append(cpp.write_prune_mask(scores[0], threshold, threshold.ties, False, packed=True)[0])
+        merged = [cpp.merge_lora_(weight.clone(), lora_A, lora_B, 0.5, m) for m in (mask, ops.masks.pack_bits(mask), None)]
+        results.append((level, masks, merged))
+    (_, m1, w1), *others = results
+    for level, m2, w2 in others:
+        assert all(torch.equal(a, b) for a, b in zip(m1, m2)), level
+        assert all(torch.equal(same_width_ints(a), same_width_ints(b)) for a, b in zip(w1, w2)), level
+
+
+def same_width_ints(t):
+    """The tensor's bits as integers: NaN payloads compare too."""
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def simd_levels():
+    """Each kernel level the CPU has (portable first), the extension set to it in turn."""
+    best = cpp._C.simd_level()
     try:
-        for simd in (True, False):
-            cpp._C.set_simd(simd)
-            masks = cpp.select_prune_mask(scores, 30_000, False)
-            threshold = cpp.prune_threshold(scores, 30_000, False)
-            masks.append(cpp.write_prune_mask(scores[0], threshold, threshold.ties, False, packed=True)[0])
-            merged = cpp.merge_lora_(weight.clone(), lora_A, lora_B, 0.5, mask)
-            results.append((masks, merged))
+        for level in range(best, -1, -1):
+            assert cpp._C.set_simd_level(level) == level
+            yield level
     finally:
-        cpp._C.set_simd(was)
-    (m1, w1), (m2, w2) = results
-    assert all(torch.equal(a, b) for a, b in zip(m1, m2))
-    assert torch.equal(w1, w2)
+        cpp._C.set_simd_level(best)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,r", [((4, 64), 1), ((37, 131), 16), ((130, 67), 5)])
+def test_merge_norms_match_reference_at_every_level(dtype, shape, r):
+    """The merge report's squared norms, from the merge's own pass and from a norms-only pass,
+    against the float64 reference; the merged weight is untouched by asking for them."""
+    gen = torch.Generator().manual_seed(10)
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    lora_A, lora_B = torch.randn(r, shape[1], generator=gen).to(dtype), torch.randn(shape[0], r, generator=gen).to(dtype)
+    mask = torch.rand(shape, generator=gen) > 0.3
+    want = ops.reference.lora_update_norms(weight, lora_A, lora_B, 0.75, mask)
+    assert float(want[0]) > 0 and float(want[0]) < float(want[1])
+    plain = cpp.merge_lora_(weight.clone(), lora_A, lora_B, 0.75, mask)
+    for level in simd_levels():
+        for keep in (mask, ops.masks.pack_bits(mask)):
+            norms = torch.full((3,), -1.0, dtype=torch.float64)
+            merged = ops.merge_lora_(weight.clone(), lora_A, lora_B, 0.75, keep, norms=norms)
+            assert ops.last_backend("merge_lora_") == "cpp"
+            assert torch.equal(merged, plain), level
+            only = ops.lora_update_norms(weight, lora_A, lora_B, 0.75, keep)
+            for got in (norms, only):
+                assert torch.allclose(got, want, rtol=1e-5), (level, got, want)
+        unmasked = ops.lora_update_norms(weight, lora_A, lora_B, 0.75)
+        assert float(unmasked[0]) == 0.0 and torch.allclose(unmasked[1:], want[1:], rtol=1e-5)
+
+
+def test_norms_argument_is_checked():
+    w, a, b = torch.zeros(4, 8), torch.zeros(2, 8), torch.zeros(4, 2)
+    for bad in (torch.zeros(3), torch.zeros(4, dtype=torch.float64), [0.0, 0.0, 0.0]):
+        with pytest.raises(TypeError, match="norms must be a float64 tensor of shape"):
+            ops.merge_lora_(w, a, b, 1.0, norms=bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

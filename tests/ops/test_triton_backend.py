@@ -105,6 +105,26 @@ def test_merge_matches_reference(monkeypatch, tiles, dtype, shape, r, masked):
         assert torch.equal(got[~M], torch.zeros(int((~M).sum()), dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,r", [((7, 13), 3), ((40, 70), 20)])
+def test_merge_norms_match_reference(monkeypatch, tiles, dtype, shape, r):
+    """The merge report's squared norms come from the merge's own pass (and a norms-only pass)."""
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(shape, generator=gen).to(dtype)
+    A, B = torch.randn(r, shape[1], generator=gen).to(dtype), torch.randn(shape[0], r, generator=gen).to(dtype)
+    M = torch.rand(shape, generator=gen) > 0.5
+    want = reference.lora_update_norms(W, A, B, 0.5, M)
+    monkeypatch.setenv("SPARSELORA_BACKEND", "triton")
+    norms = torch.empty(3, dtype=torch.float64, device=DEVICE)
+    merged = ops.merge_lora_(dev(W.clone()), dev(A), dev(B), 0.5, dev(pack_bits(M)), norms=norms)
+    assert ops.last_backend("merge_lora_") == "triton"
+    only = ops.lora_update_norms(dev(W), dev(A), dev(B), 0.5, dev(M))
+    assert ops.last_backend("lora_update_norms") == "triton"
+    for got in (norms, only):
+        assert got.dtype == torch.float64 and torch.allclose(got.cpu(), want, rtol=1e-5), (got, want)
+    assert torch.equal(merged.cpu()[~M], torch.zeros(int((~M).sum()), dtype=dtype))
+
+
 def _run_linear(monkeypatch, backend, x0, w, a0, b0, mask, bias, dy, transposed=False):
     monkeypatch.setenv("SPARSELORA_BACKEND", backend)
     move = dev if backend == "triton" else (lambda t: t)

@@ -50,11 +50,14 @@ def cases() -> list[tuple[str, object, dict, dict, bool, int]]:
     for dtype, native in (("bf16", True), ("fp16", True), ("fp32", False)):
         for r_block in ((16, 64) if native else (16,)):
             sig = {"w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
-                   "keep_ptr": "*u8", **size, **strides}
-            const = {"HAS_W": True, "HAS_MASK": True, "NATIVE_DOT": native, "R_BLOCK": r_block,
-                     "BLOCK_M": weight.GPU_TILE, "BLOCK_N": weight.GPU_TILE}
-            out.append((f"lora_weight {dtype} r_block={r_block}", weight._lora_weight_kernel,
-                        {**sig, **{k: "constexpr" for k in const}}, const, native))
+                   "keep_ptr": "*u8", "norms_ptr": "*fp32", **size, **strides}
+            # the effective weight of training, and (rank slice 16) the merge with its report's norms
+            for norms in ((False, True) if r_block == 16 and dtype != "fp16" else (False,)):
+                const = {"HAS_W": True, "HAS_MASK": True, "STORE": True, "NORMS": norms, "NATIVE_DOT": native,
+                         "R_BLOCK": r_block, "BLOCK_M": weight.GPU_TILE, "BLOCK_N": weight.GPU_TILE}
+                name = f"lora_weight {dtype} r_block={r_block}" + (" + norms" if norms else "")
+                out.append((name, weight._lora_weight_kernel, {**sig, **{k: "constexpr" for k in const}}, const,
+                            native))
     for in_place in (True, False):
         const = {"IN_PLACE": in_place, "BLOCK": weight.MASK_BLOCK}
         out.append((f"mask {'in place' if in_place else 'copy'} bf16", weight._mask_kernel,

@@ -17,7 +17,7 @@ import triton.language as tl
 from .._dispatch import register
 from ._common import TRITON_PRIORITY, device_guard, interpreting, keep_bytes, round_for, triton_reason
 
-__all__ = ["lora_weight", "merge_lora_", "masked_lora_weight", "apply_mask_", "masked_copy", "tiles"]
+__all__ = ["lora_weight", "merge_lora_", "lora_update_norms", "masked_lora_weight", "apply_mask_", "masked_copy", "tiles"]
 
 MASK_BLOCK = 4096
 GPU_TILE = 64  # rows and columns of a weight tile on a GPU
@@ -38,10 +38,13 @@ def _lora_weight_kernel(
     a_ptr,  # lora_A-like factor (r, cols), any strides
     b_ptr,  # lora_B-like factor (rows, r), any strides
     keep_ptr,  # (rows, cols) uint8 keep-mask (ignored unless HAS_MASK)
+    norms_ptr,  # 3 fp32 sums (ignored unless NORMS): ‖(s·BA) ⊙ ¬M‖², ‖s·BA‖², ‖W + s·BA‖²
     rows, cols, r,
     stride_ar, stride_ac, stride_br, stride_bc,
     scaling,  # alpha / r
     HAS_W: tl.constexpr, HAS_MASK: tl.constexpr,
+    STORE: tl.constexpr,  # write the merged tile (False: the norms alone)
+    NORMS: tl.constexpr,  # add this tile's squared norms to norms_ptr
     NATIVE_DOT: tl.constexpr,  # multiply fp16/bf16 factors as they are (tensor cores)
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -65,16 +68,24 @@ def _lora_weight_kernel(
             delta += tl.dot(b, a)
         else:
             delta += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-    merged = scaling * delta
+    delta = scaling * delta  # 0 outside the tile: the factors' loads are masked
     inside = (ri[:, None] < rows_left) & (ci[None, :] < cols_left)
     tile = row0 * cols + col0
     at = ri[:, None] * cols + ci[None, :]
+    merged = delta
     if HAS_W:
         merged += tl.load(w_ptr + tile + at, mask=inside, other=0.0).to(tl.float32)
+    if NORMS:
+        tl.atomic_add(norms_ptr + 1, tl.sum(tl.sum(delta * delta, axis=1), axis=0))
+        tl.atomic_add(norms_ptr + 2, tl.sum(tl.sum(merged * merged, axis=1), axis=0))
     if HAS_MASK:
         keep = tl.load(keep_ptr + tile + at, mask=inside, other=0)
+        if NORMS:
+            lost = tl.where(keep != 0, 0.0, delta)
+            tl.atomic_add(norms_ptr, tl.sum(tl.sum(lost * lost, axis=1), axis=0))
         merged = tl.where(keep != 0, merged, 0.0)  # NaN/inf in pruned slots become 0
-    tl.store(out_ptr + tile + at, round_for(merged, out_ptr.dtype.element_ty), mask=inside)
+    if STORE:
+        tl.store(out_ptr + tile + at, round_for(merged, out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -104,39 +115,53 @@ def _rank_slice(r: int, native: bool) -> int:
 
 
 def lora_weight(
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     weight: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Write ``(weight + scaling·b@a) ⊙ mask`` into ``out`` (contiguous; may be ``weight``)."""
-    rows, cols = out.shape
+    norms: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Write ``(weight + scaling·b@a) ⊙ mask`` into ``out`` (contiguous; may be ``weight``;
+    None: nothing is written). ``norms`` (float64, 3) receives the merge report's squared
+    norms from the same pass."""
+    rows, cols = b.shape[0], a.shape[1]
     r = a.shape[0]
-    keep = keep_bytes(mask, (rows, cols)) if mask is not None else out  # dummy pointer
+    anchor = out if out is not None else weight
+    keep = keep_bytes(mask, (rows, cols)) if mask is not None else anchor  # dummy pointer
+    sums = torch.zeros(3, dtype=torch.float32, device=anchor.device) if norms is not None else anchor
     native = (not interpreting()) and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
-    tile = tiles(out)
+    tile = tiles(anchor)
     grid = (triton.cdiv(rows, tile), triton.cdiv(cols, tile))
-    with device_guard(out):
+    with device_guard(anchor):
         _lora_weight_kernel[grid](
-            weight if weight is not None else out, out, a, b, keep, rows, cols, r,
+            weight if weight is not None else anchor, anchor, a, b, keep, sums, rows, cols, r,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(scaling),
-            HAS_W=weight is not None, HAS_MASK=mask is not None, NATIVE_DOT=native,
-            R_BLOCK=_rank_slice(r, native), BLOCK_M=tile, BLOCK_N=tile, num_warps=WARPS,
+            HAS_W=weight is not None, HAS_MASK=mask is not None, STORE=out is not None, NORMS=norms is not None,
+            NATIVE_DOT=native, R_BLOCK=_rank_slice(r, native), BLOCK_M=tile, BLOCK_N=tile, num_warps=WARPS,
         )
+    if norms is not None:
+        norms.copy_(sums)
     return out
 
 
-def _merge_reason(weight, lora_A, lora_B, scaling, mask):
+def _merge_reason(weight, lora_A, lora_B, scaling, mask, norms=None):
     if not weight.is_contiguous():
         return "weight is not contiguous; the Triton merge writes contiguous weights in place"
     return triton_reason(weight, lora_A, lora_B, mask)
 
 
 @register("merge_lora_", "triton", priority=TRITON_PRIORITY, check=_merge_reason)
-def merge_lora_(weight, lora_A, lora_B, scaling, mask):
-    return lora_weight(weight, weight, lora_A.detach(), lora_B.detach(), scaling, mask)
+def merge_lora_(weight, lora_A, lora_B, scaling, mask, norms=None):
+    return lora_weight(weight, weight, lora_A.detach(), lora_B.detach(), scaling, mask, norms)
+
+
+@register("lora_update_norms", "triton", priority=TRITON_PRIORITY, check=_merge_reason)
+def lora_update_norms(weight, lora_A, lora_B, scaling, mask):
+    norms = torch.empty(3, dtype=torch.float64, device=weight.device)
+    lora_weight(None, weight, lora_A.detach(), lora_B.detach(), scaling, mask, norms)
+    return norms
 
 
 def _weight_reason(weight, lora_A, lora_B, scaling, mask):
