@@ -68,12 +68,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "select_masks",
       [](const std::vector<uintptr_t>& addresses, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
-         int64_t k, bool absolute, const std::vector<uintptr_t>& outs, int layout, int threads) {
+         int64_t k, bool absolute, const std::vector<uintptr_t>& outs, int layout, int threads, uintptr_t pruned) {
         std::vector<void*> out_ptrs;
         for (uintptr_t o : outs) out_ptrs.push_back(ptr(o));
-        return select_masks(buffers(addresses, sizes, dtypes), k, absolute, out_ptrs, layout, threads);
+        return select_masks(buffers(addresses, sizes, dtypes), k, absolute, out_ptrs, layout, threads,
+                            pruned ? ptr<int64_t>(pruned) : nullptr);
       },
-      "keep-masks pruning exactly the k lowest scores; returns the count of non-finite scores",
+      "keep-masks pruning exactly the k lowest scores; returns the count of non-finite scores. pruned (0: none): "
+      "int64 per tensor, its pruned count where the fused pass counted it, else -1",
       py::call_guard<py::gil_scoped_release>());
 
   m.def(

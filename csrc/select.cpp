@@ -254,7 +254,7 @@ constexpr int kBuckets = 253;  // byte values 2..254 of an undecided key
 // Returns false when the bracket missed or a bucket of many keys is too full: the caller
 // then runs the radix select.
 bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_t k, bool absolute,
-                       const std::vector<void*>& outs, int threads, int64_t* nonfinite) {
+                       const std::vector<void*>& outs, int threads, int64_t* nonfinite, int64_t* pruned) {
   size_t largest = 0;
   for (size_t t = 0; t < tensors.size(); ++t) {
     advise_huge_pages(outs[t], tensors[t].numel);
@@ -337,17 +337,26 @@ bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_
     int64_t index;
   };
   std::vector<std::vector<Position>> found(one_key ? 0 : workers.size());
+  // the sweep touches every byte of every mask: it counts each tensor's pruned weights too
+  const size_t n_tensors = tensors.size();
+  std::vector<int64_t> zeros(workers.size() * n_tensors, 0);
   parallel_for(n_chunks, threads, [&](int64_t c, int wi) {
     const Chunk& ch = chunks[c];
     uint32_t offsets[kBlock];
     uint8_t* out = static_cast<uint8_t*>(outs[ch.tensor]);
+    int64_t* counted = &zeros[wi * n_tensors + ch.tensor];
     for (int64_t begin = ch.begin; begin < ch.end; begin += kBlock) {
       const int64_t n = std::min(kBlock, ch.end - begin);
       const int64_t got = settle_bytes(out + begin, n, static_cast<uint8_t>(2 + pivot), &quota[wi],
-                                       one_key ? nullptr : offsets);
+                                       one_key ? nullptr : offsets, counted);
       for (int64_t f = 0; f < got; ++f) found[wi].push_back({ch.tensor, begin + offsets[f]});
     }
   });
+  if (pruned) {
+    std::fill(pruned, pruned + n_tensors, 0);
+    for (size_t w = 0; w < workers.size(); ++w)
+      for (size_t t = 0; t < n_tensors; ++t) pruned[t] += zeros[w * n_tensors + t];
+  }
   if (one_key) return true;
 
   // several keys in the cut's bucket: resolve them exactly, ties pruned in flat order
@@ -375,6 +384,7 @@ bool select_bool_masks(const std::vector<Buffer>& tensors, int64_t total, int64_
         ties -= !keep;
       }
       static_cast<uint8_t*>(outs[at.tensor])[at.index] = keep;
+      if (pruned && !keep) ++pruned[at.tensor];  // listed bytes were counted as kept
     }
   return true;
 }
@@ -555,14 +565,16 @@ int64_t radix_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolute
 }  // namespace
 
 int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolute, const std::vector<void*>& outs,
-                     int layout, int threads) {
+                     int layout, int threads, int64_t* pruned) {
   threads = clamp_threads(threads);
   const int64_t total = count_total(tensors);
   if (outs.size() != tensors.size()) throw std::invalid_argument("one output buffer per tensor is needed");
   if (k < 0 || k > total) throw std::invalid_argument("k must be in [0, total number of scores]");
+  if (pruned) std::fill(pruned, pruned + tensors.size(), int64_t(-1));  // not counted, unless a path below does
   if (k > 0 && layout == kBoolBytes) {
     int64_t nonfinite = 0;
-    if (select_bool_masks(tensors, total, k, absolute, outs, threads, &nonfinite)) return nonfinite;
+    if (select_bool_masks(tensors, total, k, absolute, outs, threads, &nonfinite, pruned)) return nonfinite;
+    if (pruned) std::fill(pruned, pruned + tensors.size(), int64_t(-1));
     return radix_masks(tensors, k, absolute, outs, layout, threads);
   }
   const std::vector<Chunk> chunks = make_chunks(tensors, kChunk);

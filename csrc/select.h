@@ -27,8 +27,10 @@ int64_t write_mask(const Buffer& tensor, uint32_t cut_key, int64_t ties_left, bo
                    int layout, int threads);
 
 // find_cut + write_mask for every tensor, fused into one read of the scores when possible.
-// Returns the count of non-finite scores (masks are unspecified when it is not 0).
+// Returns the count of non-finite scores (masks are unspecified when it is not 0). pruned (null:
+// not wanted) gets each tensor's count of pruned weights where the selection's own sweep could
+// count them (bool masks, the fused path), -1 elsewhere.
 int64_t select_masks(const std::vector<Buffer>& tensors, int64_t k, bool absolute, const std::vector<void*>& outs,
-                     int layout, int threads);
+                     int layout, int threads, int64_t* pruned);
 
 }  // namespace sparselora

@@ -96,16 +96,20 @@ inline void settle_pivot(uint8_t* out, int64_t i, int64_t* quota, uint32_t* foun
   }
 }
 
-int64_t settle_bytes_scalar(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
-  int64_t written = 0;
+int64_t settle_bytes_scalar(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found,
+                            int64_t* zeros) {
+  int64_t written = 0, z = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t b = out[i];
-    if (b < 2) continue;
-    if (b == pivot)
-      settle_pivot(out, i, quota, found, &written);
-    else
-      out[i] = b > pivot;
+    if (b >= 2) {
+      if (b == pivot)
+        settle_pivot(out, i, quota, found, &written);
+      else
+        out[i] = b > pivot;
+    }
+    z += out[i] == 0;
   }
+  *zeros += z;
   return written;
 }
 
@@ -253,23 +257,35 @@ AVX2 void scan_bytes_avx2(const void* data, bool bf16, int64_t n, bool absolute,
                     max_abs);
 }
 
-AVX2 int64_t settle_bytes_avx2(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
+AVX2 inline int64_t zero_bytes(__m256i v) {
+  return __builtin_popcount(static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256()))));
+}
+
+AVX2 int64_t settle_bytes_avx2(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found,
+                               int64_t* zeros) {
   const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2), p = _mm256_set1_epi8(static_cast<char>(pivot));
-  int64_t written = 0, i = 0;
+  const int64_t quota_before = *quota;
+  int64_t written = 0, i = 0, z = 0;
   for (; i + 32 <= n; i += 32) {
     if ((i & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(out + i) + kPrefetchAhead, _MM_HINT_T0);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i));
     const __m256i undecided = _mm256_cmpeq_epi8(_mm256_max_epu8(v, two), v);  // v >= 2
-    if (_mm256_testz_si256(undecided, undecided)) continue;
+    if (_mm256_testz_si256(undecided, undecided)) {
+      z += zero_bytes(v);
+      continue;
+    }
     const __m256i at_most_pivot = _mm256_cmpeq_epi8(_mm256_max_epu8(v, p), p);
     const __m256i is_pivot = _mm256_cmpeq_epi8(v, p);
     // above the pivot: 1; below: 0; the pivot itself stays for the exact resolve
     const __m256i settled = _mm256_or_si256(_mm256_andnot_si256(at_most_pivot, one), _mm256_and_si256(is_pivot, v));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_blendv_epi8(v, settled, undecided));
+    const __m256i result = _mm256_blendv_epi8(v, settled, undecided);
+    z += zero_bytes(result);  // pivot bytes are still non-zero here; the quota's zeros are added below
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), result);
     for (uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(is_pivot)); m; m &= m - 1)
       settle_pivot(out, i + __builtin_ctz(m), quota, found, &written);
   }
-  const int64_t tail = settle_bytes_scalar(out + i, n - i, pivot, quota, found ? found + written : nullptr);
+  *zeros += z + (quota_before - *quota);
+  const int64_t tail = settle_bytes_scalar(out + i, n - i, pivot, quota, found ? found + written : nullptr, zeros);
   if (found)
     for (int64_t t = 0; t < tail; ++t) found[written + t] += static_cast<uint32_t>(i);
   return written + tail;
@@ -308,8 +324,8 @@ void scan_bytes(const void* data, bool bf16, int64_t n, bool absolute, uint32_t 
                   max_abs);
 }
 
-int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found) {
-  return SPARSELORA_PICK(settle_bytes, out, n, pivot, quota, found);
+int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found, int64_t* zeros) {
+  return SPARSELORA_PICK(settle_bytes, out, n, pivot, quota, found, zeros);
 }
 
 }  // namespace sparselora

@@ -35,7 +35,8 @@ void scan_bytes(const void* data, bool bf16, int64_t n, bool absolute, uint32_t 
 // Settles the bytes scan_bytes left undecided: a byte b >= 2 becomes 0 when b < pivot and 1
 // when b > pivot. Bytes equal to pivot: with `found`, they stay and their offsets go there
 // (room for n); without, the first *quota of them become 0 (counted down) and the rest 1.
+// Adds to *zeros how many of the n bytes are 0 when it returns (listed pivot bytes are not).
 // Returns how many offsets it wrote.
-int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found);
+int64_t settle_bytes(uint8_t* out, int64_t n, uint8_t pivot, int64_t* quota, uint32_t* found, int64_t* zeros);
 
 }  // namespace sparselora

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["PruneThreshold", "masks_under_threshold", "raise_nonfinite"]
+__all__ = ["PruneThreshold", "masks_under_threshold", "raise_nonfinite", "count_pruned"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +36,13 @@ def raise_nonfinite(count: int) -> None:
     """The one refusal of NaN/inf scores, raised by every backend that counted ``count`` of them."""
     if count:
         raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
+
+
+def count_pruned(masks: Sequence, pruned) -> None:
+    """Complete ``pruned`` (int64, one per mask): entries a kernel left at -1 (not counted in
+    its own pass) get the mask's count of pruned weights."""
+    if pruned is None:
+        return
+    for i, mask in enumerate(masks):
+        if int(pruned[i]) < 0:
+            pruned[i] = mask.numel() - int(mask.count_nonzero())

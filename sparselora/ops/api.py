@@ -95,14 +95,22 @@ def write_prune_mask(
 
 
 def select_prune_mask(
-    scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False
+    scores: Sequence[torch.Tensor], k: int, *, absolute: bool = False, pruned: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
     """Keep-masks for a comparison group from which exactly the ``k`` lowest scores go.
 
     Ties at the cut are pruned lowest flat index first, tensors in the order given.
+    ``pruned`` (int64, one entry per score tensor, on the scores' device) receives each mask's
+    count of pruned weights, from the selection's own pass where the kernel can count there.
     """
     scores = _check_group(scores, k)
-    return library.call(library.select_prune_mask, scores, k, absolute)
+    if pruned is not None:
+        if not isinstance(pruned, torch.Tensor) or pruned.dtype != torch.int64 or tuple(pruned.shape) != (len(scores),):
+            raise TypeError(f"pruned must be an int64 tensor of shape ({len(scores)},); got {_describe(pruned)}")
+    masks, counts = library.call(library.select_prune_mask, scores, k, absolute, pruned is not None)
+    if pruned is not None:
+        pruned.copy_(counts)
+    return list(masks)
 
 
 def _check_rows(score: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
-from ._types import PruneThreshold, raise_nonfinite
+from ._types import PruneThreshold, count_pruned, raise_nonfinite
 from .masks import pack_bits, packed_size
 
 __all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply_packed_mask_", "release_workspaces"]
@@ -116,12 +116,19 @@ def write_prune_mask(
 
 
 @register("select_prune_mask", "cpp", priority=CPP_PRIORITY, check=_scores_reason)
-def select_prune_mask(scores: Sequence[torch.Tensor], k: int, absolute: bool) -> list[torch.Tensor]:
+def select_prune_mask(
+    scores: Sequence[torch.Tensor], k: int, absolute: bool, pruned: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     keep_alive, addresses, sizes, dtypes = _layout(*scores)
     outs = [torch.empty(s.shape, dtype=torch.bool) for s in scores]
-    nonfinite = _C.select_masks(addresses, sizes, dtypes, k, absolute, [o.data_ptr() for o in outs], _C.BOOL_BYTES, _threads())
+    counts = None if pruned is None else torch.empty(len(scores), dtype=torch.int64)
+    nonfinite = _C.select_masks(addresses, sizes, dtypes, k, absolute, [o.data_ptr() for o in outs], _C.BOOL_BYTES,
+                                _threads(), 0 if counts is None else counts.data_ptr())
     raise_nonfinite(nonfinite)
     del keep_alive
+    if pruned is not None:
+        count_pruned(outs, counts)  # the fallback paths do not count in their pass
+        pruned.copy_(counts)
     return outs
 
 

@@ -41,7 +41,7 @@ NAMESPACE = "sparselora"
 
 def _run(op: str, *args):
     """The default kernel (any device the others do not cover): the reference."""
-    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    device = next((a.device.type for a in _tensors(args)), "cpu")
     with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
         return resolve(op, *args, allowed=("reference",))(*args)
 
@@ -56,7 +56,7 @@ def _dispatching(op: str, device: str, returns_none: bool):
     return kernel
 
 
-_DEFINED: dict = {}  # custom op -> (name, whether it mutates an argument)
+_DEFINED: dict = {}  # custom op -> its eager kernel per device ("cpu", "cuda", None: any other)
 
 
 def call(op, *args):
@@ -67,10 +67,8 @@ def call(op, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     device = next((a.device.type for a in _tensors(args)), "cpu")
-    name, mutates = _DEFINED[op]
-    if device in ("cpu", "cuda"):
-        return _dispatching(name, device, returns_none=mutates)(*args)
-    return _run(name, *args)
+    kernels = _DEFINED[op]
+    return kernels.get(device, kernels[None])(*args)
 
 
 def _tensors(args):
@@ -81,13 +79,21 @@ def _tensors(args):
             yield from (t for t in a if isinstance(t, torch.Tensor))
 
 
-def _define(name: str, prototype, mutates_args=()):
+def _define(name: str, prototype, mutates_args=(), kernel=None):
     """Custom op ``sparselora::name``: ``prototype`` gives the schema and runs the reference
-    on other devices; the CPU and CUDA kernels go through the backends' dispatcher."""
+    on other devices; the CPU and CUDA kernels go through the backends' dispatcher
+    (``kernel(device)`` builds them, device None for the others, where the op's arguments
+    differ from the backends')."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(prototype)
-    _DEFINED[op] = (name, bool(mutates_args))
+    def dispatching(device: Optional[str]):
+        if device is None:  # any other device: the reference
+            return lambda *args: _run(name, *args)
+        return _dispatching(name, device, returns_none=bool(mutates_args))
+
+    make = kernel or dispatching
+    _DEFINED[op] = {device: make(device) for device in ("cpu", "cuda", None)}
     for device in ("cpu", "cuda"):
-        op.register_kernel(device)(_dispatching(name, device, returns_none=bool(mutates_args)))
+        op.register_kernel(device)(_DEFINED[op][device])
     return op
 
 
@@ -117,16 +123,35 @@ def _(tensor, mask):
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
-def _select_prune_mask(scores: List[Tensor], k: int, absolute: bool) -> List[Tensor]:
-    return _run("select_prune_mask", scores, k, absolute)
+def _counted_select(device: Optional[str]):
+    """The kernel of ``select_prune_mask``: the backends write each mask's pruned count into an
+    out argument, which the op returns (an op may not both mutate and return)."""
+    allowed = None if device else ("reference",)
+
+    def kernel(scores: List[Tensor], k: int, absolute: bool, count: bool) -> Tuple[List[Tensor], Tensor]:
+        where = scores[0].device if scores else torch.device("cpu")
+        pruned = torch.empty(len(scores) if count else 0, dtype=torch.int64, device=where)
+        args = (scores, k, absolute, pruned if count else None)
+        with torch.autocast(device or where.type, enabled=False) if (device or where.type) in ("cpu", "cuda") \
+                else contextlib.nullcontext():
+            masks = resolve("select_prune_mask", *args, allowed=allowed)(*args)
+        return list(masks), pruned
+
+    return kernel
 
 
-select_prune_mask = _define("select_prune_mask", _select_prune_mask)
+def _select_prune_mask(scores: List[Tensor], k: int, absolute: bool, count: bool) -> Tuple[List[Tensor], Tensor]:
+    return _counted_select(None)(scores, k, absolute, count)
+
+
+select_prune_mask = _define("select_prune_mask", _select_prune_mask, kernel=_counted_select)
 
 
 @select_prune_mask.register_fake
-def _(scores, k, absolute):
-    return [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+def _(scores, k, absolute, count):
+    where = scores[0].device if scores else torch.device("cpu")
+    masks = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    return masks, torch.empty(len(scores) if count else 0, dtype=torch.int64, device=where)
 
 
 def _key_histogram(score: Tensor, absolute: bool, high: int) -> Tensor:

@@ -225,13 +225,18 @@ def masks_from_scores(
         k = ops.prune_count(sum(g.numel() for g in group), values.pop())
         if prior:
             group_masks = _select_within(group, [prior.get(t.name) for t in chosen], k, absolute, "the global group")
+            pruned = [int(m.numel() - m.count_nonzero()) for m in group_masks]
         else:
-            # one fused call: the compiled backends read every weight once
-            group_masks = ops.select_prune_mask(group, k, absolute=absolute)
+            # one fused call: the compiled backends read every weight once, and count each
+            # mask's pruned weights in that pass (the warning below needs no second read)
+            counts = torch.empty(len(group), dtype=torch.int64, device=group[0].device)
+            group_masks = ops.select_prune_mask(group, k, absolute=absolute, pruned=counts)
+            pruned = counts.tolist()
+        if structured:  # counts of channels: each stands for its whole slice of the weight
+            pruned = [p * (t.weight.numel() // max(g.numel(), 1)) for p, t, g in zip(pruned, chosen, group)]
         for t, mask in zip(chosen, group_masks):
             masks[t.name] = finish(t, mask)
-        warn_overpruned({n: int(m.numel() - m.count_nonzero()) for n, m in masks.items()},
-                        {n: m.numel() for n, m in masks.items()})
+        warn_overpruned(dict(zip(masks, pruned)), {n: m.numel() for n, m in masks.items()})
         return masks
     for t in tqdm(chosen, desc="masks", unit="tensor", disable=bar_disabled(progress)):
         g = score_of(t)

@@ -317,7 +317,7 @@ def _child_selects(queue):
     n = 200_000
     score = torch.randn(n)
     out = torch.empty(n, dtype=torch.bool)
-    cpp._C.select_masks([score.data_ptr()], [n], [0], 1000, True, [out.data_ptr()], 0, 2)  # 2 worker threads
+    cpp._C.select_masks([score.data_ptr()], [n], [0], 1000, True, [out.data_ptr()], 0, 2, 0)  # 2 worker threads, no counts
     queue.put(int(n - out.numpy().sum()))
 
 
@@ -394,11 +394,32 @@ def test_merge_norms_match_reference_at_every_level(dtype, shape, r):
         assert float(unmasked[0]) == 0.0 and torch.allclose(unmasked[1:], want[1:], rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["normal", "integers", "all-equal", "signed-zeros"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_select_counts_what_it_prunes(monkeypatch, kind, backend):
+    """The pruned counts the selection gives from its own pass equal each mask's, at every kernel
+    level, for the fused path (one key at the cut, several keys, ties) and its fallbacks."""
+    gen = torch.Generator().manual_seed(11)
+    group = [tie_heavy((300, 129), kind, gen), tie_heavy((7,), kind, gen).to(torch.bfloat16),
+             tie_heavy((2000,), kind, gen)]
+    total = sum(g.numel() for g in group)
+    for level in simd_levels():
+        for k in (1, total // 3, total - 5):
+            pruned = torch.full((3,), -7, dtype=torch.int64)
+            masks = on(backend, monkeypatch, ops.select_prune_mask, group, k, absolute=True, pruned=pruned)
+            assert ops.last_backend("select_prune_mask") == backend
+            want = torch.tensor([m.numel() - int(m.count_nonzero()) for m in masks])
+            assert torch.equal(pruned, want), (level, k, pruned, want)
+            assert int(pruned.sum()) == k
+
+
 def test_norms_argument_is_checked():
     w, a, b = torch.zeros(4, 8), torch.zeros(2, 8), torch.zeros(4, 2)
     for bad in (torch.zeros(3), torch.zeros(4, dtype=torch.float64), [0.0, 0.0, 0.0]):
         with pytest.raises(TypeError, match="norms must be a float64 tensor of shape"):
             ops.merge_lora_(w, a, b, 1.0, norms=bad)
+    with pytest.raises(TypeError, match=r"pruned must be an int64 tensor of shape \(1,\)"):
+        ops.select_prune_mask([w], 3, pruned=torch.zeros(2, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

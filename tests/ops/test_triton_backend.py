@@ -61,10 +61,12 @@ def test_select_matches_reference_with_ties(forced, dtype, absolute):
     n = sum(s.numel() for s in scores)
     on_device = [dev(s) for s in scores]
     for k in (0, 1, n // 3, n - 1, n):
-        got = ops.select_prune_mask(on_device, k, absolute=absolute)
+        pruned = torch.empty(3, dtype=torch.int64, device=DEVICE)
+        got = ops.select_prune_mask(on_device, k, absolute=absolute, pruned=pruned)
         assert ops.last_backend("select_prune_mask") == "triton"
         want = reference.select_prune_mask(scores, k, absolute)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), k
+        assert pruned.tolist() == [m.numel() - int(m.count_nonzero()) for m in want], k
         threshold = ops.prune_threshold(on_device, k, absolute=absolute)
         assert threshold == reference.prune_threshold(scores, k, absolute)
         packed, _ = ops.write_prune_mask(on_device[0], threshold, threshold.ties, absolute=absolute, packed=True)
