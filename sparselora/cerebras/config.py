@@ -168,7 +168,9 @@ def create_sparse_config(
     config = load_config(base_config)
     if "trainer" not in config:
         raise ValueError("base_config has no top-level 'trainer' key (a ModelZoo 2.x trainer config)")
-    mask_path = Path(mask_path).resolve()  # the trainer may run from another directory
+    # absolute, since the trainer may run from another directory; links are kept (a hub cache's
+    # masks.safetensors resolves to a blob whose name has no suffix to tell its format)
+    mask_path = Path(os.path.abspath(mask_path))
     if not mask_path.exists():
         raise FileNotFoundError(f"mask_path {str(mask_path)!r} does not exist")
     phases = config["trainer"] if isinstance(config["trainer"], list) else [config["trainer"]]

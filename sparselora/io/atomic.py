@@ -1,8 +1,10 @@
 """Atomic writes: a failed or interrupted write leaves the old file (or folder) intact.
 
-Only regular files are ever replaced: a device, FIFO, socket or directory at an output
-path is an error naming it, whatever the caller's privileges. New files get the
-permissions ``open()`` would give them (tempfile makes 0600 files and 0700 folders).
+A file save replaces only a regular file, a folder output only a folder: anything else at
+an output path (a device, FIFO, socket, link) is an error naming it, whatever the caller's
+privileges. The target is replaced only after the new data was written, flushed and
+fsynced (a folder: every file and folder in it). New files get the permissions ``open()``
+would give them (tempfile makes 0600 files and 0700 folders).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Union
 
-__all__ = ["atomic_open", "atomic_write_bytes", "check_replaceable", "staging_dir", "swap_directory", "default_mode", "mode_for"]
+__all__ = ["atomic_open", "atomic_write_bytes", "check_replaceable", "check_folder_replaceable", "staging_dir",
+           "swap_directory", "sync_tree", "default_mode", "mode_for"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,6 +52,14 @@ def check_replaceable(path: PathLike, arg: str = "output") -> None:
             raise ValueError(f"{arg} {str(path)!r} is {kind}; only a regular file is replaced by a save")
 
 
+def check_folder_replaceable(path: PathLike, arg: str = "output") -> None:
+    """Raise ValueError unless ``path`` is absent or a folder (not a link to one): what
+    :func:`swap_directory` replaces, checked before the work rather than after it."""
+    path = Path(path)
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+        raise ValueError(f"{arg} {str(path)!r} exists and is not a directory; it is not replaced")
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path`` for binary writing; on success it replaces
@@ -61,13 +72,22 @@ def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        handle = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)  # not yet owned by a file object
+        os.unlink(tmp)
+        raise
+    try:
+        yield handle
+        # the target is replaced only once the data, flush, fsync and close all succeeded
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
         check_replaceable(target)  # nothing may have appeared there meanwhile
         os.replace(tmp, target)
     except BaseException:
+        with contextlib.suppress(OSError):  # the error being raised is the one to report
+            handle.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
@@ -90,16 +110,37 @@ def staging_dir(output: PathLike) -> Path:
     return staging
 
 
+def sync_tree(folder: Path) -> None:
+    """fsync every regular file and folder under ``folder`` (links are not followed), the
+    folders last: what was copied or moved in without its own sync is on disk before the
+    tree replaces anything. An error (EIO, a full disk found at sync) propagates."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                _sync_path(path, os.O_RDONLY)
+        _sync_path(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _sync_path(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def swap_directory(staging: Path, output: PathLike) -> None:
-    """Put the finished folder ``staging`` at ``output``. An existing ``output`` (a folder)
-    is moved aside first and removed only once the new one is in place; if the swap fails
-    it is moved back, so ``output`` is never lost."""
+    """Put the finished folder ``staging`` at ``output``, once its whole tree is synced to disk
+    (:func:`sync_tree`). An existing ``output`` (a folder) is moved aside first and removed
+    only once the new one is in place; if the swap fails it is moved back, so ``output`` is
+    never lost."""
     output = Path(output)
-    if not output.exists() and not output.is_symlink():
+    sync_tree(staging)
+    check_folder_replaceable(output)
+    if not os.path.lexists(output):
         os.rename(staging, output)
         return
-    if output.is_symlink() or not output.is_dir():
-        raise ValueError(f"output {str(output)!r} exists and is not a directory; it is not replaced")
     aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
     os.rmdir(aside)  # a free name on the same file system
     os.rename(output, aside)

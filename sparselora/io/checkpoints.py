@@ -91,7 +91,7 @@ class Checkpoint:
                 raise ValueError(f"index {str(self.index_path)!r} is not a JSON object with a 'weight_map'") from None
             by_file: dict[Path, list[str]] = {}
             for name, file in weight_map.items():
-                # every shard must resolve inside the checkpoint's folder: nothing outside is opened
+                # a plain name inside the folder (the file itself may be a link, as in the hub cache)
                 by_file.setdefault(contained(self.path, file, self.index_path), []).append(name)
             for shard, names in by_file.items():
                 if not shard.is_file():

@@ -143,7 +143,7 @@ def packed_header(reader: SafetensorsReader) -> tuple[dict[str, list[int]], list
 def read_index(path: PathLike) -> tuple[dict[str, str], dict[str, Any], list[Path]]:
     """(weight_map, metadata, shard files) of a mask index, given the index or its directory.
 
-    Every shard must resolve inside the index's folder (nothing outside is opened)."""
+    Every shard is a plain relative name inside the index's folder (the file may be a link)."""
     path = Path(path)
     index = path / MASK_INDEX_NAME if path.is_dir() else path
     if not index.is_file():

@@ -8,16 +8,17 @@ tensors in order into a temporary file that replaces the target only when comple
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-import tempfile
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
 import torch
 
-from .atomic import mode_for, check_replaceable
+from .atomic import atomic_open
 
 __all__ = ["SafetensorsReader", "SafetensorsWriter", "DTYPE_CODES", "CORRUPT"]
 
@@ -208,11 +209,15 @@ class SafetensorsWriter:
         self._next = 0
 
     def __enter__(self) -> "SafetensorsWriter":
-        check_replaceable(self.path)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.fchmod(fd, mode_for(self.path))
-        self._handle = os.fdopen(fd, "wb")
-        self._handle.write(self._header)
+        # atomic_open owns the temporary file: it replaces the target only after this writer's
+        # data, flush, fsync and close succeeded, and removes it on any error
+        self._stack = contextlib.ExitStack()
+        self._handle = self._stack.enter_context(atomic_open(self.path))
+        try:
+            self._handle.write(self._header)
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())  # __exit__ does not run when __enter__ fails
+            raise
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -225,24 +230,11 @@ class SafetensorsWriter:
         self._handle.write(memoryview(data))
         self._next += 1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # the target is replaced only once this writer's own data, flush, fsync and close
-        # all succeeded: a failure at any of them (EIO, a full disk found at sync) leaves it as it was
-        synced = False
-        try:
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and self._next != len(self._order):
             try:
-                if exc_type is None:
-                    if self._next != len(self._order):
-                        raise ValueError(f"only {self._next} of {len(self._order)} tensors were written to "
-                                         f"{str(self.path)!r}")
-                    self._handle.flush()
-                    os.fsync(self._handle.fileno())
-                    synced = True
-            finally:
-                self._handle.close()
-            if synced:
-                check_replaceable(self.path)
-                os.replace(self._tmp, self.path)
-        finally:
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+                raise ValueError(f"only {self._next} of {len(self._order)} tensors were written to {str(self.path)!r}")
+            except ValueError:
+                self._stack.__exit__(*sys.exc_info())
+                raise
+        return self._stack.__exit__(exc_type, exc, tb)

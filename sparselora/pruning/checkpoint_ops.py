@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..progress import bar_disabled
-from ..io.atomic import atomic_write_bytes, staging_dir, swap_directory
+from ..io.atomic import atomic_write_bytes, check_folder_replaceable, staging_dir, swap_directory
 from ..io.paths import check_apart
 from ..io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..io.checkpoints import Checkpoint
@@ -31,11 +31,14 @@ PathLike = Union[str, os.PathLike]
 
 
 class MaskFile:
-    """Masks read one at a time from a packed file or shards; other files load whole."""
+    """Masks read one at a time from a packed file or shards; other files load whole.
+
+    ``files`` lists the files read (none for masks given as a dict)."""
 
     def __init__(self, masks: Union[PathLike, Mapping[str, torch.Tensor]]) -> None:
         self._readers: dict[str, tuple[SafetensorsReader, tuple[int, ...]]] = {}
         self._masks: Mapping[str, torch.Tensor] = {}
+        self.files: list[Path] = []
         if isinstance(masks, Mapping):
             self._masks = masks
             self.names = list(masks)
@@ -49,7 +52,9 @@ class MaskFile:
         if not files:
             self._masks, _ = load_mask(path)
             self.names = list(self._masks)
+            self.files = [path]
             return
+        self.files = files
         for file in files:
             reader = SafetensorsReader(file)
             shapes, order, _ = packed_header(reader)
@@ -83,32 +88,40 @@ def _check_match(checkpoint: Checkpoint, masks: MaskFile) -> None:
 _COMPANION_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".md", ".tiktoken")
 
 
+def _copy_companion(item: Path, target: Path) -> None:
+    """Copy the file ``item`` to ``target`` as a real file: a link (the hub cache links every
+    file of a snapshot into its ``blobs/``) is followed and its content copied, never the link;
+    a link to a folder, to nothing, or to anything but a regular file is refused by name."""
+    if not item.is_file():
+        why = "a folder" if item.is_dir() else "a missing file" if not item.exists() else "no regular file"
+        raise ValueError(f"checkpoint file {str(item)!r} is a link to {why}; outputs hold real files only, so "
+                         "replace the link by what it should hold (or remove it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(item, target)  # follows the link: the content and the permissions of what it names
+
+
 def _copy_companions(source: Checkpoint, staging: Path) -> None:
     """Everything of the checkpoint that is not a rewritten shard: the whole folder tree of a
     directory checkpoint (config, tokenizer, sub-folders such as sentence-transformers'
-    ``1_Pooling/``), links kept as links so nothing outside is read; for a single file, the
-    small files beside it (config, tokenizer) so that ``from_pretrained`` loads the result."""
-    shards = {f.resolve() for f in source.files}
+    ``1_Pooling/``); for a single file, the small files beside it (config, tokenizer) so that
+    ``from_pretrained`` loads the result. Links are copied as the files they name
+    (:func:`_copy_companion`): the output holds no links."""
+    shards = set(source.files)  # as named (folder / index entry), links not followed
     folder = source.path if source.path.is_dir() else source.path.parent
     if source.path.is_dir():
         for item in sorted(folder.rglob("*")):
             relative = item.relative_to(folder)
-            if any(p.startswith(".") for p in relative.parts) or item.resolve() in shards:
+            if any(p.startswith(".") for p in relative.parts) or item in shards:
                 continue  # hidden files (staging areas), and the shards, written pruned above
-            target = staging / relative
-            if item.is_symlink():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(os.readlink(item), target)
+            if item.is_symlink() or item.is_file():
+                _copy_companion(item, staging / relative)
             elif item.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            elif item.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, target, follow_symlinks=False)
+                (staging / relative).mkdir(parents=True, exist_ok=True)
         return
     for item in sorted(folder.iterdir()):
-        if (item.is_file() and not item.is_symlink() and item.suffix in _COMPANION_SUFFIXES
-                and not item.name.endswith(".index.json") and item.resolve() not in shards):
-            shutil.copy2(item, staging / item.name)
+        if (item.suffix in _COMPANION_SUFFIXES and item.is_file() and not item.name.endswith(".index.json")
+                and item not in shards):
+            _copy_companion(item, staging / item.name)
 
 
 def _write_single_file_index(source: Checkpoint, staging: Path) -> None:
@@ -171,7 +184,8 @@ def rewrite_checkpoint(
         for file in source.files:
             reader = SafetensorsReader(file)
             layout = [(n, reader.dtype(n), reader.shape(n)) for n in reader.names]
-            target = staging / (file.resolve().relative_to(source.path.resolve()) if source.path.is_dir() else file.name)
+            # the name the index gives (a hub cache links it to a blob with another name)
+            target = staging / (file.relative_to(source.path) if source.path.is_dir() else file.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             with SafetensorsWriter(target, layout, reader.metadata) as writer:
                 for name in reader.names:
@@ -221,11 +235,10 @@ def apply_masks_to_checkpoint(
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory's parent {str(output.parent)!r} does not exist")
     mask_paths = [] if isinstance(masks, Mapping) else [masks]
-    check_apart(output, [source.path, *mask_paths], "output_dir")
+    check_apart(output, [source.path, *source.files, *mask_paths, *mask_file.files], "output_dir")
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True to replace it")
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {str(output)!r} exists and is not a directory; it is not replaced")
+    check_folder_replaceable(output, "output_dir")
     masked = set(mask_file.names)
     pruned = 0
     if modelzoo:

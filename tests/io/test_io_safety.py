@@ -23,8 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 import sparselora.ops as ops
+from conftest import cli_exit_code, write_llama_checkpoint
 from sparselora.io.checkpoints import Checkpoint
+from sparselora.io.packed_masks import write_mask_index
 from sparselora.io.safetensors import SafetensorsReader
+from sparselora.pruning import prune_checkpoint
 from sparselora.pruning.checkpoint_ops import apply_masks_to_checkpoint, validate_checkpoint_masks
 from sparselora.pruning.mask_generator import compute_random_mask, compute_unstructured_mask
 from sparselora.pruning.mask_ops import load_mask, save_mask
@@ -143,16 +146,13 @@ def _escaping_checkpoint(tmp_path: Path, kind: str) -> tuple[Path, str]:
         (folder / INDEX).write_text(json.dumps(index))
         return folder, "3"
     (folder / SHARD2).rename(secret)  # a valid file: only its place makes it wrong
-    if kind == "symlink":
-        (folder / SHARD2).symlink_to(secret)
-        return folder, SHARD2
     entry = "../secret.safetensors" if kind == "parent" else str(secret)
     index["weight_map"] = {n: (entry if f == SHARD2 else f) for n, f in index["weight_map"].items()}
     (folder / INDEX).write_text(json.dumps(index))
     return folder, entry
 
 
-@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "non-string"])
+@pytest.mark.parametrize("kind", ["parent", "absolute", "non-string"])
 @pytest.mark.parametrize("consumer", ["open", "apply", "compute"])
 def test_checkpoint_index_entries_stay_in_folder(tmp_path, request, kind, consumer):
     folder, entry = _escaping_checkpoint(tmp_path, kind)
@@ -182,10 +182,7 @@ def _escaping_mask_index(tmp_path: Path, kind: str) -> tuple[Path, str]:
     masks = some_masks()
     save_mask(masks, secret, packed=True)  # a valid packed file: only its place makes it wrong
     entry: object
-    if kind == "symlink":
-        (folder / "m.safetensors").symlink_to(secret)
-        entry = "m.safetensors"
-    elif kind == "non-string":
+    if kind == "non-string":
         entry = 3
     else:
         entry = "../secret-masks.safetensors" if kind == "parent" else str(secret)
@@ -193,7 +190,7 @@ def _escaping_mask_index(tmp_path: Path, kind: str) -> tuple[Path, str]:
     return folder, str(entry)
 
 
-@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "non-string"])
+@pytest.mark.parametrize("kind", ["parent", "absolute", "non-string"])
 @pytest.mark.parametrize("consumer", ["load", "apply", "validate"])
 def test_mask_index_entries_stay_in_folder(tmp_path, request, kind, consumer):
     ckpt = make_checkpoint(tmp_path / "ckpt")
@@ -269,29 +266,209 @@ def test_save_mask_refuses_to_replace_a_non_file(tmp_path, node, fmt, packed, no
     assert os.listdir(parent) == [path.name]  # no temporary file left beside it
 
 
-# the steps a save can fail at, after its data is written: the sync (EIO, a full disk found
-# there) and the rename over the old file
-FAILURES = {"fsync": (("fsync",), "Input/output error"), "rename": (("replace", "rename"), "rename refused")}
+# --- a save that fails at any step leaves the old target ---------------------------------
+
+STEPS = ("write", "flush", "fsync", "rename")
 
 
-@pytest.mark.parametrize("failing", sorted(FAILURES))
-@pytest.mark.parametrize("fmt,packed", SAVE_FORMATS)
-def test_save_mask_failing_late_leaves_old_file(tmp_path, monkeypatch, fmt, packed, failing):
-    path = tmp_path / f"masks.{fmt}"
-    save_mask(some_masks(1), path, packed=packed)
-    old = path.read_bytes()
-    functions, message = FAILURES[failing]
+class Injector:
+    """Counts the steps of saves (data writes, flushes, fsyncs, renames) and makes the
+    ``fail_at = (step, index)``-th one fail with EIO."""
 
-    def fail(*args, **kwargs):
-        raise OSError(5, message)
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(STEPS, 0)
+        self.fail_at: tuple[str, int] | None = None
 
-    for name in functions:
-        monkeypatch.setattr(os, name, fail)
-    with pytest.raises(OSError, match=message):
-        save_mask(some_masks(2), path, packed=packed)
+    def arm(self, fail_at: tuple[str, int] | None) -> None:
+        """Count from zero; make the ``fail_at`` step fail (None: none)."""
+        self.counts = dict.fromkeys(STEPS, 0)
+        self.fail_at = fail_at
+
+    def step(self, kind: str) -> None:
+        index = self.counts[kind]
+        self.counts[kind] += 1
+        if self.fail_at == (kind, index):
+            raise OSError(5, f"injected {kind} failure")
+
+
+class _CountedHandle:
+    """A file opened for writing whose writes and flushes pass through the injector."""
+
+    def __init__(self, handle, injector: Injector) -> None:
+        self._handle, self._injector = handle, injector
+
+    def write(self, data):
+        self._injector.step("write")
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        self._injector.step("flush")
+        self._handle.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+
+@pytest.fixture
+def injector(monkeypatch) -> Injector:
+    """Every writer opens its temporary file with ``os.fdopen``, syncs with ``os.fsync`` and
+    moves with ``os.replace`` / ``os.rename``: those report to the injector first."""
+    injector = Injector()
+    real_fdopen, real_fsync = os.fdopen, os.fsync
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        handle = real_fdopen(fd, mode, *args, **kwargs)
+        return _CountedHandle(handle, injector) if "w" in mode else handle
+
+    def fsync(fd) -> None:
+        injector.step("fsync")
+        real_fsync(fd)
+
+    def counted(real):
+        def rename(*args, **kwargs):
+            injector.step("rename")
+            return real(*args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", counted(os.replace))
+    monkeypatch.setattr(os, "rename", counted(os.rename))
+    return injector
+
+
+@pytest.fixture(scope="module")
+def save_inputs(tmp_path_factory) -> dict[str, Path]:
+    """What the folder writers read: a sharded checkpoint, a single file, a small Llama."""
+    root = tmp_path_factory.mktemp("inputs")
+    single = root / "single" / "model.safetensors"
+    single.parent.mkdir()
+    save_file(shard_tensors()[SHARD2], single, metadata={"format": "pt"})
+    return {"checkpoint": make_checkpoint(root / "ckpt"), "single": single,
+            "llama": write_llama_checkpoint(root / "llama", layers=2)}
+
+
+def _save_mask(fmt: str, packed: bool):
+    def save(inputs: dict[str, Path], target: Path, seed: int) -> None:
+        save_mask(some_masks(seed), target, format=fmt, packed=packed, metadata={"seed": seed})
+
+    return save
+
+
+def _mask_index(inputs: dict[str, Path], target: Path, seed: int) -> None:
+    write_mask_index(target.parent, {name: "masks.safetensors" for name in WEIGHTS}, {"seed": seed})
+
+
+def _cli_masks(inputs: dict[str, Path], target: Path, seed: int) -> None:
+    """``sparselora masks -o MASKS.pt``: packed masks in a staging folder, converted to .pt."""
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        code = cli_exit_code(["masks", str(inputs["checkpoint"]), "--sparsity", str(0.3 + 0.1 * seed), "-o",
+                              str(target), "--overwrite", "--no-progress"])
+    if code != 0:
+        raise OSError(errors.getvalue())
+
+
+def _apply(inputs: dict[str, Path], target: Path, seed: int) -> None:
+    apply_masks_to_checkpoint(inputs["checkpoint"], some_masks(seed), target, overwrite=True, progress=False)
+
+
+def _apply_single(inputs: dict[str, Path], target: Path, seed: int) -> None:
+    """From a single file: the output also gets the checkpoint index json written for it."""
+    masks = {n: m for n, m in some_masks(seed).items() if n.startswith("layers.1.")}
+    apply_masks_to_checkpoint(inputs["single"], masks, target, overwrite=True, progress=False)
+
+
+def _masks_folder(inputs: dict[str, Path], target: Path, seed: int) -> None:
+    compute_checkpoint_masks(inputs["checkpoint"], 0.3 + 0.1 * seed, target, overwrite=True, progress=False)
+
+
+def _prune(inputs: dict[str, Path], target: Path, seed: int) -> None:
+    prune_checkpoint(inputs["llama"], target, "magnitude", 0.3 + 0.1 * seed, overwrite=True, progress=False)
+
+
+# writer -> (target name, save(inputs, target, seed)); files first, then folders
+FILE_WRITERS = {
+    "pt": ("masks.pt", _save_mask("pt", False)),
+    "npz": ("masks.npz", _save_mask("npz", False)),
+    "safetensors": ("masks.safetensors", _save_mask("safetensors", False)),
+    "packed": ("masks.safetensors", _save_mask("safetensors", True)),
+    "mask-index": (MASK_INDEX, _mask_index),
+    "cli-masks-pt": ("masks.pt", _cli_masks),
+}
+FOLDER_WRITERS = {
+    "apply": ("out", _apply),
+    "apply-single-file": ("out", _apply_single),
+    "masks-folder": ("masks", _masks_folder),
+    "prune": ("out", _prune),
+}
+# a folder's renames (moving the old one aside, the new one in, back on failure) are
+# test_folder_swap_failure_keeps_the_old_output's
+SAVE_FAILURES = [pytest.param(w, s, id=f"{w}-{s}") for w in FILE_WRITERS for s in STEPS] + [
+    pytest.param(w, s, id=f"{w}-{s}") for w in FOLDER_WRITERS for s in STEPS if s != "rename"]
+
+
+@pytest.mark.parametrize("writer,step", SAVE_FAILURES)
+def test_a_failed_save_leaves_the_old_target(tmp_path, save_inputs, request, writer, step):
+    """The save fails at the first, then at the last ``step`` of its run: each time the
+    old target is byte-identical and nothing is left beside it."""
+    name, save = {**FILE_WRITERS, **FOLDER_WRITERS}[writer]
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "probe").mkdir()
+    target = tmp_path / "dir" / name
+    save(save_inputs, target, 1)  # the old target (and every lazy import done before counting)
+    before = snapshot(tmp_path / "dir")
+    injector = request.getfixturevalue("injector")
+    save(save_inputs, tmp_path / "probe" / name, 2)  # how many of each step a save to it takes
+    count = injector.counts[step]
+    assert count >= 1, f"{writer} never does a {step}: {injector.counts}"
+    for index in sorted({0, count - 1}):
+        injector.arm((step, index))
+        with pytest.raises((OSError, RuntimeError)) as exc:
+            save(save_inputs, target, 2)
+        assert f"injected {step} failure" in str(exc.value), (index, str(exc.value))
+        assert snapshot(tmp_path / "dir") == before, (step, index)
+
+
+@pytest.mark.parametrize("writer", sorted(FOLDER_WRITERS))
+def test_a_folder_is_synced_before_it_replaces_the_old_one(tmp_path, monkeypatch, save_inputs, writer):
+    """When the new folder is renamed into place, every file and folder in it has been
+    fsynced: copied side files, moved mask files and the folders' entries included."""
+    name, save = FOLDER_WRITERS[writer]
+    out = tmp_path / name
+    out.mkdir()
+    (out / "marker.txt").write_text("old output")
+    synced: set[tuple[int, int]] = set()
+    unsynced: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd) -> None:
+        real_fsync(fd)
+        info = os.fstat(fd)
+        synced.add((info.st_dev, info.st_ino))
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(dst) == out and os.path.isdir(src):
+            for root, _dirs, files in os.walk(src):
+                for entry in [root, *(os.path.join(root, f) for f in files)]:
+                    info = os.lstat(entry)
+                    if (info.st_dev, info.st_ino) not in synced:
+                        unsynced.append(os.path.relpath(entry, src))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    save(save_inputs, out, 2)
     monkeypatch.undo()
-    assert path.read_bytes() == old
-    assert os.listdir(tmp_path) == [path.name]
+    assert not (out / "marker.txt").exists()  # the new folder is in place
+    assert unsynced == []
 
 
 # --- 3. source protection and complete outputs ------------------------------------------
@@ -332,12 +509,17 @@ def _assert_pruned_copy(ckpt: Path, out: Path, masks) -> None:
 
 
 @pytest.mark.parametrize("failing_call", [1, 2, 3])
-def test_apply_swap_failure_keeps_the_old_output(tmp_path, monkeypatch, failing_call):
-    """The ``failing_call``-th rename of a directory fails. Either apply fails and the old
-    output is intact, or (the failing call never came) the new output is complete; no
+@pytest.mark.parametrize("writer", sorted(FOLDER_WRITERS))
+def test_folder_swap_failure_keeps_the_old_output(tmp_path, monkeypatch, save_inputs, writer, failing_call):
+    """The ``failing_call``-th rename of a directory fails. Either the save fails and the
+    old output is intact, or (the failing call never came) the new output is complete; no
     staging or backup folder is left either way."""
-    ckpt = make_checkpoint(tmp_path / "ckpt")
-    out = tmp_path / "out"
+    name, save = FOLDER_WRITERS[writer]
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "probe").mkdir()
+    save(save_inputs, tmp_path / "probe" / name, 2)
+    expected = snapshot(tmp_path / "probe" / name)
+    out = tmp_path / "dir" / name
     out.mkdir()
     (out / "marker.txt").write_text("old output")
     (out / "model.safetensors").write_bytes(b"old weights")
@@ -357,22 +539,20 @@ def test_apply_swap_failure_keeps_the_old_output(tmp_path, monkeypatch, failing_
 
     monkeypatch.setattr(os, "replace", wrap(real_replace))
     monkeypatch.setattr(os, "rename", wrap(real_rename))
-    masks = some_masks()
     failed = False
     try:
-        apply_masks_to_checkpoint(ckpt, masks, out, overwrite=True, progress=False)
+        save(save_inputs, out, 2)
     except OSError:
         failed = True
     monkeypatch.undo()
     if failing_call == 1:
-        assert failed, "apply replaced the output without renaming a directory"
+        assert failed, f"{writer} replaced the output without renaming a directory"
     if failed:
         assert snapshot(out) == before
     else:
         assert len(calls) < failing_call
-        assert not (out / "marker.txt").exists()
-        _assert_pruned_copy(ckpt, out, masks)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"]
+        assert snapshot(out) == expected
+    assert os.listdir(tmp_path / "dir") == [name]
 
 
 def test_apply_copies_small_files_and_sub_folders(tmp_path):

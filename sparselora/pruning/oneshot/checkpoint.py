@@ -30,7 +30,7 @@ from typing import Any, Iterable, Union
 import torch
 
 from ...distributed import Ranks
-from ...io.atomic import check_replaceable
+from ...io.atomic import check_folder_replaceable
 from ...io.checkpoints import Checkpoint
 from ...io.packed_masks import PackedMaskWriter
 from ...io.paths import check_apart
@@ -124,10 +124,10 @@ def prune_checkpoint(
     output = Path(output_dir)
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory's parent {str(output.parent)!r} does not exist")
-    check_apart(output, [folder], "output_dir")
+    check_apart(output, [folder, *source.files], "output_dir")
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True to replace it")
-    check_replaceable(output, "output_dir")
+    check_folder_replaceable(output, "output_dir")
     plan = make_plan(method, sparsity, **options)
     ranks = Ranks(distributed)
     batches = _calibration(folder, plan, calibration_data, tokenizer, calibration_text, samples, seq_len)
