@@ -73,7 +73,6 @@ VOCAB = 300  # of write_llama_checkpoint's models and tokenizers
 
 def write_llama_checkpoint(folder: Path, dtype=torch.float32, layers: int = 3, seed: int = 0) -> Path:
     """A small random Llama checkpoint in ``folder``: sharded safetensors and a BPE tokenizer."""
-    import tokenizers
     import transformers
 
     torch.manual_seed(seed)
@@ -81,6 +80,15 @@ def write_llama_checkpoint(folder: Path, dtype=torch.float32, layers: int = 3, s
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(folder, max_shard_size="24KB")
+    write_tokenizer(folder)
+    return folder
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A small byte-level BPE tokenizer (ids below :data:`VOCAB`) saved in ``folder``."""
+    import tokenizers
+    import transformers
+
     trainer = tokenizers.ByteLevelBPETokenizer()
     trainer.train_from_iterator(["sparse weights keep their shape and their zeros"] * 8, vocab_size=280,
                                 min_frequency=1, show_progress=False)

@@ -14,10 +14,12 @@ import torch
 
 from ..rules import check_bool, check_choice, check_dropout, check_finite, check_positive_int, check_sparsity
 
-__all__ = ["SparseLoRAConfig", "SPARSITY_MODES", "check_lora_args"]
+__all__ = ["SparseLoRAConfig", "SPARSITY_MODES", "DEFAULT_TARGET_MODULES", "check_lora_args"]
 
 SPARSITY_MODES = ("sparse_to_dense", "sparse_to_sparse")
 ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# class names: transformers' Conv1D is a Linear stored transposed, adapted alike
+DEFAULT_TARGET_MODULES = ("Linear", "Conv1D")
 
 
 def check_lora_args(r: object, alpha: object, dropout: object) -> tuple[int, float, float]:
@@ -37,7 +39,9 @@ class SparseLoRAConfig:
         r: adapter rank (> 0).
         alpha: LoRA alpha; the adapter output is scaled by ``alpha / r``.
         dropout: dropout probability on the adapter input, in [0, 1).
-        target_modules: module class names (``"Linear"``) or name suffixes (``"q_proj"``).
+        target_modules: module class names (``"Linear"``) or name suffixes (``"q_proj"``); the
+            default adapts every ``nn.Linear`` and every transformers ``Conv1D`` (GPT-2's
+            projections), the LM head and embedding-tied layers excepted.
         sparsity_mode: ``"sparse_to_dense"`` or ``"sparse_to_sparse"``.
         initial_sparsity: sparsity of the magnitude masks made when ``apply_sparse_lora``
             is given no masks.
@@ -51,7 +55,7 @@ class SparseLoRAConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: Sequence[str] = field(default_factory=lambda: ["Linear"])
+    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     sparsity_mode: str = "sparse_to_dense"
     initial_sparsity: float = 0.5
     preserve_sparsity_on_merge: bool = True

@@ -28,7 +28,15 @@ from ..io.checkpoints import Checkpoint, StateDictSource, open_source
 from ..io.packed_masks import PackedMaskWriter, count_kept, write_mask_index
 from ..io.paths import check_apart
 from ..distributed import Ranks, owners
-from .targets import SparsitySpec, Target, described_targets, filter_targets, resolve_sparsity, warn_overpruned
+from .targets import (
+    SparsitySpec,
+    Target,
+    config_embedding_names,
+    described_targets,
+    filter_targets,
+    resolve_sparsity,
+    warn_overpruned,
+)
 
 __all__ = ["compute_checkpoint_masks", "compute_sharded_masks", "stream_masks", "SCOPES", "MASK_SHARD_NAME"]
 
@@ -206,6 +214,9 @@ def compute_checkpoint_masks(
     one shard per rank plus ``masks.safetensors.index.json`` (always so with
     ``distributed=True``, under ``torchrun``). Nothing existing is replaced without
     ``overwrite=True``. Returns a summary (targets, pruned counts, cut, seconds).
+
+    Targets follow :func:`~.targets.is_default_target`; beside a ``config.json``, the
+    model's embeddings also stay dense whatever they are called (GPT-2's ``wte``, ``wpe``).
     """
     start = time.perf_counter()
     source = open_source(checkpoint)
@@ -216,14 +227,17 @@ def compute_checkpoint_masks(
     if not output.parent.is_dir():
         raise FileNotFoundError(f"output directory {str(output.parent)!r} does not exist")
     if getattr(source, "path", None) is not None:
-        check_apart(output, [source.path])
+        check_apart(output, [source.path, *source.files])
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {str(output)!r} exists; pass overwrite=True to replace it")
     if output.exists() and single_file == output.is_dir():
         kind = "a directory" if output.is_dir() else "a file"
         raise ValueError(f"output {str(output)!r} is {kind}; it is not replaced by a {'file' if single_file else 'directory'}")
     ranks = Ranks(distributed)
-    targets = filter_targets(described_targets(source.names, source.shape, source.dtype), include, exclude)
+    # a Hugging Face folder says which tensors are embeddings, whatever their names
+    path = getattr(source, "path", None)
+    embeddings = config_embedding_names(path) if path is not None else ()
+    targets = filter_targets(described_targets(source.names, source.shape, source.dtype, embeddings), include, exclude)
     if not targets:
         raise ValueError("the checkpoint has no prunable weights (floating *weight tensors with >= 2 dims)")
     sparsities = resolve_sparsity(sparsity, targets)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence, Union
+from pathlib import Path
+from typing import Collection, Iterable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ __all__ = [
     "model_targets",
     "state_dict_targets",
     "described_targets",
+    "config_embedding_names",
     "is_default_target",
     "filter_targets",
     "resolve_sparsity",
@@ -138,9 +141,50 @@ def is_default_target(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> 
     )
 
 
-def described_targets(names: list[str], shape_of, dtype_of) -> list[Target]:
-    """Default targets of a checkpoint known only by names, shapes and dtypes."""
-    return [Target(n, _module_of(n), None, 0) for n in names if is_default_target(n, shape_of(n), dtype_of(n))]
+def described_targets(names: list[str], shape_of, dtype_of, embeddings: Collection[str] = ()) -> list[Target]:
+    """Default targets of a checkpoint known only by names, shapes and dtypes.
+
+    ``embeddings`` are weight names known to belong to embeddings (see
+    :func:`config_embedding_names`): they stay dense whatever they are called (GPT-2's
+    ``wte`` / ``wpe``). A name matches one when either ends with the other at a ``.``
+    boundary, so a checkpoint saved without the model's prefix (``wte.weight``) matches too.
+    """
+    return [Target(n, _module_of(n), None, 0) for n in names
+            if is_default_target(n, shape_of(n), dtype_of(n)) and not _is_embedding(n, embeddings)]
+
+
+def _is_embedding(name: str, embeddings: Collection[str]) -> bool:
+    return any(name == e or name.endswith("." + e) or e.endswith("." + name) for e in embeddings)
+
+
+def config_embedding_names(checkpoint: Union[str, os.PathLike]) -> tuple[str, ...]:
+    """Weight names of the ``nn.Embedding`` modules of the model that the ``config.json``
+    beside ``checkpoint`` (a folder, or a file in one) describes, built on the meta device.
+
+    Empty when there is no ``config.json``, transformers is not installed, or it cannot
+    build a model from that config: the name rule of :func:`is_default_target` alone then
+    decides. Costs transformers' import; no weight is allocated.
+    """
+    folder = Path(checkpoint)
+    folder = folder if folder.is_dir() else folder.parent
+    if not (folder / "config.json").is_file():
+        return ()
+    try:
+        import transformers
+    except ImportError:
+        return ()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):  # not a transformers config
+        return ()
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config)
+        except (ValueError, KeyError, TypeError):  # no such head (or model) for this config
+            continue
+        return tuple(f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Embedding))
+    return ()
 
 
 def _matches(target: Target, pattern: str) -> bool:
