@@ -120,17 +120,26 @@ class SparseLoRALinear(nn.Module):
         if mask is not None:
             check_keep_mask(mask, self.weight.shape, "mask")
             mask = pack_bits(mask) if mask.dtype == torch.bool else mask.contiguous()
-            mask = mask.to(self.weight.device)
         self._mask_bits = mask
+        self._follow_weight()
         self._cache = None
 
+    def _follow_weight(self) -> torch.Tensor | None:
+        """The packed bits, moved to the weight's device first. A weight on the meta device
+        (a model built there, then ``to_empty``) leaves them where they are: bits moved to
+        meta would lose their values. ``fully_shard`` moves parameters without
+        ``Module._apply``, so every use of the mask comes through here."""
+        bits = self._mask_bits
+        device = self.weight.device
+        if bits is not None and bits.device != device and device.type != "meta":
+            bits = self._mask_bits = bits.to(device)
+        return bits
+
     def _apply(self, fn, recurse: bool = True):
-        # the mask is no buffer (DDP would broadcast it every step), so move it here;
-        # conversions only touch floating tensors, the uint8 bits just change device
+        # the mask is no buffer (DDP would broadcast it every step): it follows the weight's
+        # device here; conversions (half(), to(dtype)) leave the uint8 bits as they are
         super()._apply(fn, recurse)
-        if self._mask_bits is not None:
-            bits = fn(self._mask_bits)
-            self._mask_bits = bits if bits.dtype == torch.uint8 else bits.to(torch.uint8)  # Module.type() casts all
+        self._follow_weight()
         self._cache = None
         return self
 
@@ -234,7 +243,7 @@ class SparseLoRALinear(nn.Module):
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             # dropout reaches the adapter's input only: (W⊙M) x + ((s·BA) ⊙ M) dropout(x)
             return self._stored_linear(x, weight, bias) + ops.masked_lora_linear(
-                self.lora_dropout(x), None, lora_A, lora_B, self.scaling, self._mask_bits,
+                self.lora_dropout(x), None, lora_A, lora_B, self.scaling, self._follow_weight(),
                 transposed=self.fan_in_fan_out)
         if not _is_compiling() and not (torch.is_grad_enabled() and (
                 x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad)):
@@ -245,7 +254,7 @@ class SparseLoRALinear(nn.Module):
             if not torch.is_grad_enabled():
                 self._cache = (self._cache_key(*given), w_eff, bias)
             return self._stored_linear(x, w_eff, bias)
-        return ops.masked_lora_linear(x, weight, lora_A, lora_B, self.scaling, self._mask_bits, bias,
+        return ops.masked_lora_linear(x, weight, lora_A, lora_B, self.scaling, self._follow_weight(), bias,
                                       transposed=self.fan_in_fan_out)
 
     def _cache_key(self, x_dtype: torch.dtype, device_type: str) -> tuple:
@@ -258,8 +267,8 @@ class SparseLoRALinear(nn.Module):
     def _effective(self, weight, lora_A, lora_B) -> torch.Tensor:
         """(W + s·BA) ⊙ M in the stored orientation."""
         if self.fan_in_fan_out:  # (W_t + s·Aᵀ Bᵀ) ⊙ M_t
-            return ops.masked_lora_weight(weight, lora_B.t(), lora_A.t(), self.scaling, self._mask_bits)
-        return ops.masked_lora_weight(weight, lora_A, lora_B, self.scaling, self._mask_bits)
+            return ops.masked_lora_weight(weight, lora_B.t(), lora_A.t(), self.scaling, self._follow_weight())
+        return ops.masked_lora_weight(weight, lora_A, lora_B, self.scaling, self._follow_weight())
 
     def clear_cache(self) -> None:
         """Drop the cached effective weight (it is rebuilt on the next inference call)."""
@@ -295,7 +304,7 @@ class SparseLoRALinear(nn.Module):
         """float64 ``[‖(s·BA) ⊙ ¬M‖², ‖s·BA‖², ‖W + s·BA‖²]`` (the first 0 without a mask), in
         one read of the weight and no weight-sized temporary."""
         a, b = self._stored_factors()
-        return ops.lora_update_norms(self.weight, a, b, self.scaling, self._mask_bits)
+        return ops.lora_update_norms(self.weight, a, b, self.scaling, self._follow_weight())
 
     @torch.no_grad()
     def merge_change(self) -> dict[str, float]:
@@ -324,7 +333,7 @@ class SparseLoRALinear(nn.Module):
                 stacklevel=3,
             )
             preserve_sparsity = True
-        mask = self._mask_bits if preserve_sparsity else None
+        mask = self._follow_weight() if preserve_sparsity else None
         self._merge_into(self.weight.data, mask, norms)
         self._cache = None
         with torch.device("meta"):

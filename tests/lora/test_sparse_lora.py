@@ -205,7 +205,7 @@ def test_masks_none_uses_initial_sparsity(three_layers):
 
 def test_config_defaults_follow_the_seed():
     config = SparseLoRAConfig()
-    assert (config.r, config.alpha, config.dropout, config.target_modules) == (16, 32, 0.05, ["Linear"])
+    assert (config.r, config.alpha, config.dropout, config.target_modules) == (16, 32, 0.05, ["Linear", "Conv1D"])
     assert config.scaling == 2.0
     assert SparseLoRAConfig(sparsity_mode="sparse_to_sparse").maintain_sparsity is True
     assert SparseLoRAConfig(sparsity_mode="sparse_to_dense").maintain_sparsity is False
@@ -221,3 +221,21 @@ def test_seed_path_and_pruning_api_hand_on_the_lora_package():
         assert getattr(seed, name) is getattr(lora, name), name
     for name in set(pruning.__all__) & set(lora.__all__):
         assert getattr(pruning, name) is getattr(lora, name), name
+
+
+@pytest.mark.parametrize("mode", ["sparse_to_dense", "sparse_to_sparse"])
+def test_masks_survive_a_model_built_on_the_meta_device(mode):
+    """Large models are built on ``meta`` and given storage by ``to_empty`` (as before
+    ``fully_shard``): the masks keep their values, and follow the weights to their device."""
+    base = nn.Sequential(nn.Linear(24, 16), nn.Linear(16, 8))
+    masks = compute_unstructured_mask(base, 0.5, progress=False)
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(24, 16), nn.Linear(16, 8))
+    model = apply_sparse_lora(meta, masks, SparseLoRAConfig(r=2, sparsity_mode=mode))
+    model.to_empty(device="cpu")
+    for name, layer in model.named_modules():
+        if isinstance(layer, SparseLoRALinear):
+            assert layer.packed_mask.device.type == "cpu"
+            assert torch.equal(layer.weight_mask, masks[f"{name}.weight"]), name
+    model.half()  # a dtype conversion leaves the packed bits as they are
+    assert all(layer.packed_mask.dtype == torch.uint8 for layer in model.modules() if isinstance(layer, SparseLoRALinear))
