@@ -16,20 +16,24 @@ void merge_block(const void* W, int dtype, int64_t row0, int64_t n_rows, int64_t
   for (int64_t i = 0; i < n_rows; ++i)
     for (int64_t p = 0; p < r; ++p) b[i * r + p] = scaling * B[(row0 + i) * r + p];
   const int size = dtype_size(dtype);
+  double block_sums[3] = {0.0, 0.0, 0.0};  // one add per block into the worker's slot
   for (int64_t c0 = 0; c0 < cols; c0 += kTileCols) {
     const int64_t n_cols = std::min(kTileCols, cols - c0);
     delta_tile(A, cols, r, b.data(), n_rows, c0, n_cols, acc);
-    float tile_sums[3] = {0.0f, 0.0f, 0.0f};  // fp32 over at most 256 elements, then fp64
+    alignas(64) float lanes[3 * kSumLanes] = {};  // fp32 over at most 16 values a lane, then fp64
     for (int64_t i = 0; i < n_rows; ++i) {
       const int64_t at = (row0 + i) * cols + c0;
       const void* w = W ? static_cast<const char*>(W) + at * size : nullptr;
       void* d = dst ? static_cast<char*>(dst) + at * size : nullptr;
       finish_row(dtype, w, acc + i * kTileCols, keep_bits(mask, layout, at, n_cols), n_cols, d,
-                 sums ? tile_sums : nullptr);
+                 sums ? lanes : nullptr);
     }
     if (sums)
-      for (int k = 0; k < 3; ++k) sums[k] += tile_sums[k];
+      for (int k = 0; k < 3; ++k)
+        for (int l = 0; l < kSumLanes; ++l) block_sums[k] += lanes[k * kSumLanes + l];
   }
+  if (sums)
+    for (int k = 0; k < 3; ++k) sums[k] += block_sums[k];
 }
 
 }  // namespace
@@ -38,14 +42,15 @@ void merge_lora(const void* W, int dtype, int64_t rows, int64_t cols, const floa
                 float scaling, const uint8_t* mask, int layout, void* dst, int threads, double* sums) {
   check_dtype(dtype);
   const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
-  std::vector<double> partial(static_cast<size_t>(3 * clamp_threads(threads)), 0.0);
+  constexpr int kStride = 8;  // a 64-byte line per worker: workers never write a shared line
+  std::vector<double> partial(static_cast<size_t>(kStride * clamp_threads(threads)), 0.0);
   parallel_for(blocks, threads, [&](int64_t blk, int worker) {
     const int64_t row0 = blk * kTileRows, n_rows = std::min(kTileRows, rows - row0);
     merge_block(W, dtype, row0, n_rows, cols, A, B, r, scaling, mask, layout, dst,
-                sums ? partial.data() + 3 * worker : nullptr);
+                sums ? partial.data() + kStride * worker : nullptr);
   });
   if (sums)
-    for (size_t w = 0; w < partial.size(); w += 3)
+    for (size_t w = 0; w < partial.size(); w += kStride)
       for (int k = 0; k < 3; ++k) sums[k] += partial[w + k];
 }
 

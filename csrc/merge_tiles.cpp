@@ -27,6 +27,12 @@ uint64_t keep_bits_scalar(const uint8_t* mask, int layout, int64_t at, int64_t n
     for (int64_t j = 0; j < n; ++j) bits |= uint64_t(mask[at + j] != 0) << j;
   } else if ((at & 7) == 0) {  // whole bytes: element 8k+i is bit i of byte k, as in the word
     const uint8_t* p = mask + (at >> 3);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (n == 64) {
+      std::memcpy(&bits, p, 8);  // one load: the bytes in memory order are the word's
+      return bits;
+    }
+#endif
     for (int64_t k = 0; k < (n + 7) / 8; ++k) bits |= uint64_t(p[k]) << (8 * k);
   } else {
     for (int64_t j = 0; j < n; ++j) bits |= uint64_t((mask[(at + j) >> 3] >> ((at + j) & 7)) & 1u) << j;
@@ -60,8 +66,8 @@ void finish_row_scalar(int dtype, const void* w, const float* acc, uint64_t keep
   }
   if (sums) {
     sums[0] += dropped;
-    sums[1] += update;
-    sums[2] += merged;
+    sums[kSumLanes] += update;
+    sums[2 * kSumLanes] += merged;
   }
 }
 
@@ -123,12 +129,6 @@ AVX2 inline __m256 lanes_of(uint32_t byte) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), bit), bit));
 }
 
-AVX2 inline float sum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 // fp32 -> bf16 bits in the low half of each lane: round to nearest even, NaN kept quiet
 AVX2 inline __m256i bf16_round8(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
@@ -174,10 +174,10 @@ AVX2 void finish_row_avx2(int dtype, const void* w, const float* acc, uint64_t k
       _mm256_storeu_ps(static_cast<float*>(dst) + j, _mm256_and_ps(v, kept));
     }
   }
-  if (sums) {
-    sums[0] += sum8(dropped);
-    sums[1] += sum8(update);
-    sums[2] += sum8(merged);
+  if (sums) {  // lane by lane: the horizontal sum is the caller's, once per tile
+    const __m256* lanes[3] = {&dropped, &update, &merged};
+    for (int k = 0; k < 3; ++k)
+      _mm256_storeu_ps(sums + k * kSumLanes, _mm256_add_ps(_mm256_loadu_ps(sums + k * kSumLanes), *lanes[k]));
   }
   if (j < n) {
     const int size = dtype_size(dtype);
@@ -248,23 +248,23 @@ AVX512 void finish_row_avx512(int dtype, const void* w, const float* acc, uint64
       dropped = _mm512_fmadd_ps(lost, lost, dropped);
     }
     if (dst && bf16) {
+      // round to nearest even; a NaN (rare: tested once per vector) keeps its top bits, made quiet
       const __m512i u = _mm512_castps_si512(v);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      const __m512i rounded =
-          _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-      const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-      const __mmask16 is_nan =
-          _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-      const __m512i out = _mm512_maskz_mov_epi32(kept, _mm512_mask_blend_epi32(is_nan, rounded, quiet));
+      const __m512i top = _mm512_srli_epi32(u, 16);
+      const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+      __m512i out = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+      const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      if (is_nan) out = _mm512_mask_or_epi32(out, is_nan, top, _mm512_set1_epi32(0x40));
+      out = _mm512_maskz_mov_epi32(kept, out);
       _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + j, lanes, _mm512_cvtepi32_epi16(out));
     } else if (dst) {
       _mm512_mask_storeu_ps(static_cast<float*>(dst) + j, lanes, _mm512_maskz_mov_ps(kept, v));
     }
   }
-  if (sums) {
-    sums[0] += _mm512_reduce_add_ps(dropped);
-    sums[1] += _mm512_reduce_add_ps(update);
-    sums[2] += _mm512_reduce_add_ps(merged);
+  if (sums) {  // lane by lane: the horizontal sum is the caller's, once per tile
+    _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), dropped));
+    _mm512_storeu_ps(sums + kSumLanes, _mm512_add_ps(_mm512_loadu_ps(sums + kSumLanes), update));
+    _mm512_storeu_ps(sums + 2 * kSumLanes, _mm512_add_ps(_mm512_loadu_ps(sums + 2 * kSumLanes), merged));
   }
 }
 
