@@ -36,11 +36,37 @@ void merge_block(const void* W, int dtype, int64_t row0, int64_t n_rows, int64_t
     for (int k = 0; k < 3; ++k) sums[k] += block_sums[k];
 }
 
+// A rows x cols matrix of `dtype` with element strides (row, col) as contiguous fp32: the data
+// itself when it already is, else a copy in `buffer`. Adapters are small (r x cols): converting
+// here, on the calling thread, keeps torch's worker threads (which spin after an op) off the cores
+// the kernel is about to use.
+const float* as_f32(const Matrix& m, int64_t rows, int64_t cols, std::vector<float>& buffer) {
+  check_dtype(m.dtype);
+  if (m.dtype == kFloat32 && m.col_stride == 1 && m.row_stride == cols) return static_cast<const float*>(m.data);
+  buffer.resize(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t at = i * m.row_stride + j * m.col_stride;
+      float v;
+      if (m.dtype == kFloat32)
+        v = static_cast<const float*>(m.data)[at];
+      else {
+        const uint16_t h = static_cast<const uint16_t*>(m.data)[at];
+        v = bits_float(m.dtype == kBFloat16 ? bf16_to_float_bits(h) : half_to_float_bits(h));
+      }
+      buffer[i * cols + j] = v;
+    }
+  return buffer.data();
+}
+
 }  // namespace
 
-void merge_lora(const void* W, int dtype, int64_t rows, int64_t cols, const float* A, const float* B, int64_t r,
-                float scaling, const uint8_t* mask, int layout, void* dst, int threads, double* sums) {
+void merge_lora(const void* W, int dtype, int64_t rows, int64_t cols, const Matrix& lora_A, const Matrix& lora_B,
+                int64_t r, float scaling, const uint8_t* mask, int layout, void* dst, int threads, double* sums) {
   check_dtype(dtype);
+  std::vector<float> a_buffer, b_buffer;
+  const float* A = as_f32(lora_A, r, cols, a_buffer);
+  const float* B = as_f32(lora_B, rows, r, b_buffer);
   const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
   constexpr int kStride = 8;  // a 64-byte line per worker: workers never write a shared line
   std::vector<double> partial(static_cast<size_t>(kStride * clamp_threads(threads)), 0.0);

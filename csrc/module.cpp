@@ -127,13 +127,18 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "merge_lora",
-      [](uintptr_t W, int dtype, int64_t rows, int64_t cols, uintptr_t A, uintptr_t B, int64_t r, double scaling,
-         uintptr_t mask, int layout, uintptr_t dst, int threads, uintptr_t sums) {
-        merge_lora(W ? ptr<const void>(W) : nullptr, dtype, rows, cols, ptr<const float>(A), ptr<const float>(B), r,
+      [](uintptr_t W, int dtype, int64_t rows, int64_t cols, std::tuple<uintptr_t, int, int64_t, int64_t> A,
+         std::tuple<uintptr_t, int, int64_t, int64_t> B, int64_t r, double scaling, uintptr_t mask, int layout,
+         uintptr_t dst, int threads, uintptr_t sums) {
+        const auto matrix = [](const std::tuple<uintptr_t, int, int64_t, int64_t>& m) {
+          return Matrix{ptr<const void>(std::get<0>(m)), std::get<1>(m), std::get<2>(m), std::get<3>(m)};
+        };
+        merge_lora(W ? ptr<const void>(W) : nullptr, dtype, rows, cols, matrix(A), matrix(B), r,
                    static_cast<float>(scaling), mask ? ptr<const uint8_t>(mask) : nullptr, layout,
                    dst ? ptr(dst) : nullptr, threads, sums ? ptr<double>(sums) : nullptr);
       },
-      "dst = (W + scaling * B @ A) * mask (dst 0: not stored), fp32 accumulation, one pass; sums (0: none) += "
-      "[|(s*B@A) * ~mask|^2, |s*B@A|^2, |W + s*B@A|^2] as 3 float64",
+      "dst = (W + scaling * B @ A) * mask (dst 0: not stored), fp32 accumulation, one pass; A and B as (address, "
+      "dtype, row stride, column stride); sums (0: none) += [|(s*B@A) * ~mask|^2, |s*B@A|^2, |W + s*B@A|^2] as "
+      "3 float64",
       py::call_guard<py::gil_scoped_release>());
 }

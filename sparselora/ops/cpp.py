@@ -239,6 +239,11 @@ def _norms_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
                          _tensor_reason(lora_B, "lora_B"), _mask_reason(mask))
 
 
+def _matrix(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(address, dtype code, row stride, column stride) of a 2-D tensor, in elements."""
+    return t.data_ptr(), _DTYPE_CODES[t.dtype], t.stride(0), t.stride(1)
+
+
 def _effective_weight(
     weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
     mask: torch.Tensor | None, out: torch.Tensor | None, transposed: bool = False,
@@ -251,16 +256,16 @@ def _effective_weight(
     if transposed:  # (W_t + s·Aᵀ Bᵀ) ⊙ M_t
         lora_A, lora_B = lora_B.t(), lora_A.t()
     rows, cols = lora_B.shape[0], lora_A.shape[1]
-    a = lora_A.detach().float().contiguous()
-    b = lora_B.detach().float().contiguous()
     keep, layout = (None, _C.BOOL_BYTES) if mask is None else _mask_layout(mask)
     base = None if weight is None else weight.detach().contiguous()
     dtype = (out if out is not None else base).dtype
     sums = None if norms is None else torch.zeros(3, dtype=torch.float64)
+    # the adapters go as they are (any dtype the kernel reads, any strides): converting them here
+    # would run a torch op, whose worker threads keep spinning on the cores the kernel then needs
     _C.merge_lora(
-        0 if base is None else base.data_ptr(), _DTYPE_CODES[dtype], rows, cols, a.data_ptr(), b.data_ptr(),
-        a.shape[0], scaling, 0 if keep is None else keep.data_ptr(), layout, 0 if out is None else out.data_ptr(),
-        _threads(), 0 if sums is None else sums.data_ptr(),
+        0 if base is None else base.data_ptr(), _DTYPE_CODES[dtype], rows, cols, _matrix(lora_A), _matrix(lora_B),
+        lora_A.shape[0], scaling, 0 if keep is None else keep.data_ptr(), layout,
+        0 if out is None else out.data_ptr(), _threads(), 0 if sums is None else sums.data_ptr(),
     )
     if norms is not None:
         norms.copy_(sums)
