@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -35,10 +36,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import generate  # benchmarks/checkpoint.py
-from kernels import mask_runner, model, selection_runner, timed_in_turn  # benchmarks/kernels.py
 from memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # benchmarks/memory.py
-from training_stack import adapted, bench_inference, in_turn, train_step  # benchmarks/training_stack.py
+
+
+def _sibling(name: str):
+    """``benchmarks/<name>.py`` loaded by its path: a module named ``kernels`` may already be
+    imported under that name (the ``kernels`` package transformers uses)."""
+    spec = importlib.util.spec_from_file_location(f"sparselora_benchmarks_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _sibling("checkpoint").generate
+_kernels = _sibling("kernels")
+mask_runner, model, selection_runner, timed_in_turn = (
+    _kernels.mask_runner, _kernels.model, _kernels.selection_runner, _kernels.timed_in_turn)
+_stack = _sibling("training_stack")
+adapted, bench_inference, in_turn, train_step = _stack.adapted, _stack.bench_inference, _stack.in_turn, _stack.train_step
 
 # (group, key): (target, "min" or "max", what) -- the floor is target / 3 for "min", 3 x target for "max"
 TARGETS = {

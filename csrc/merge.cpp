@@ -8,6 +8,8 @@
 namespace sparselora {
 namespace {
 
+constexpr int64_t kFlushTiles = 8;
+
 void merge_block(const void* W, int dtype, int64_t row0, int64_t n_rows, int64_t cols, const float* A,
                  const float* B, int64_t r, float scaling, const uint8_t* mask, int layout, void* dst,
                  double* sums) {
@@ -17,10 +19,19 @@ void merge_block(const void* W, int dtype, int64_t row0, int64_t n_rows, int64_t
     for (int64_t p = 0; p < r; ++p) b[i * r + p] = scaling * B[(row0 + i) * r + p];
   const int size = dtype_size(dtype);
   double block_sums[3] = {0.0, 0.0, 0.0};  // one add per block into the worker's slot
+  // the squares gather in fp32 lanes over kFlushTiles tiles (at most 128 values a lane), then fp64
+  alignas(64) float lanes[3 * kSumLanes] = {};
+  const auto flush = [&] {
+    for (int k = 0; k < 3; ++k)
+      for (int l = 0; l < kSumLanes; ++l) {
+        block_sums[k] += lanes[k * kSumLanes + l];
+        lanes[k * kSumLanes + l] = 0.0f;
+      }
+  };
+  int64_t tiles = 0;
   for (int64_t c0 = 0; c0 < cols; c0 += kTileCols) {
     const int64_t n_cols = std::min(kTileCols, cols - c0);
     delta_tile(A, cols, r, b.data(), n_rows, c0, n_cols, acc);
-    alignas(64) float lanes[3 * kSumLanes] = {};  // fp32 over at most 16 values a lane, then fp64
     for (int64_t i = 0; i < n_rows; ++i) {
       const int64_t at = (row0 + i) * cols + c0;
       const void* w = W ? static_cast<const char*>(W) + at * size : nullptr;
@@ -28,12 +39,12 @@ void merge_block(const void* W, int dtype, int64_t row0, int64_t n_rows, int64_t
       finish_row(dtype, w, acc + i * kTileCols, keep_bits(mask, layout, at, n_cols), n_cols, d,
                  sums ? lanes : nullptr);
     }
-    if (sums)
-      for (int k = 0; k < 3; ++k)
-        for (int l = 0; l < kSumLanes; ++l) block_sums[k] += lanes[k * kSumLanes + l];
+    if (sums && ++tiles % kFlushTiles == 0) flush();
   }
-  if (sums)
+  if (sums) {
+    flush();
     for (int k = 0; k < 3; ++k) sums[k] += block_sums[k];
+  }
 }
 
 // A rows x cols matrix of `dtype` with element strides (row, col) as contiguous fp32: the data

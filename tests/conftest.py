@@ -128,6 +128,20 @@ def cli_exit_code(argv: list[str]) -> int:
         return exc.code
 
 
+def train_adapters(model, batches, lr: float = 1e-2) -> list[float]:
+    """One AdamW step on the trainable parameters per batch of token ids (labels = inputs);
+    the losses, as floats (the DDP and FSDP2 workers compare them across ranks)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
     import importlib.util

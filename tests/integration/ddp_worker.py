@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
-from conftest import tiny_llama  # noqa: E402
+from conftest import tiny_llama, train_adapters  # noqa: E402
 
 from sparselora.lora import (  # noqa: E402
     SparseLoRAConfig,
@@ -44,18 +44,6 @@ def build(mode):
 def rank_data(rank):
     gen = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
     return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(STEPS)]
-
-
-def train(model, batches):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
 
 
 def record_broadcasts(ddp):
@@ -96,7 +84,7 @@ def main(out_dir):
         buffers = list(ddp.module.named_buffers())
         synced = [(n, b.numel() * b.element_size()) for n, b in ddp.named_module_buffers.items()]
         sent = record_broadcasts(ddp)
-        losses = train(ddp, batches)
+        losses = train_adapters(ddp, batches)
         result = {
             "losses": losses,
             "buffer_names": [n for n, _ in buffers],
@@ -129,7 +117,7 @@ def main(out_dir):
         if rank == 0:  # one process, both ranks' data in one batch: what DDP must reproduce
             reference, _ = build(mode)
             everything = [torch.cat([a, b]) for a, b in zip(rank_data(0), rank_data(1))]
-            result["reference_losses"] = train(reference, everything)
+            result["reference_losses"] = train_adapters(reference, everything)
             result["reference_state_dict"] = {k: v.detach().clone() for k, v in reference.state_dict().items()}
 
         with warnings.catch_warnings(record=True) as caught:

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
-from conftest import tiny_llama  # noqa: E402
+from conftest import tiny_llama, train_adapters  # noqa: E402
 
 from sparselora.lora import SparseLoRAConfig, apply_sparse_lora, merge_all_lora_weights  # noqa: E402
 from sparselora.pruning.mask_generator import compute_unstructured_mask  # noqa: E402
@@ -58,18 +58,6 @@ def eval_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
 
 
-def train(model, data: list[torch.Tensor]) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -97,7 +85,7 @@ def run_mode(mode: str, rank: int, mesh) -> dict:
     model, masks = build(mode)
     shard(model, mesh)
     rows = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    result = {"sizes": local_sizes(model), "losses": train(model, [ids[rows] for ids in batches()])}
+    result = {"sizes": local_sizes(model), "losses": train_adapters(model, [ids[rows] for ids in batches()])}
     result["logits"] = logits(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     result["full_state_dict_keys"] = len(full)  # cpu_offload: only rank 0 holds it
@@ -110,7 +98,7 @@ def run_mode(mode: str, rank: int, mesh) -> dict:
 
     if rank == 0:
         reference, _ = build(mode)
-        result["reference_losses"] = train(reference, batches())
+        result["reference_losses"] = train_adapters(reference, batches())
         result["reference_state_dict"] = {k: v.detach().clone() for k, v in reference.state_dict().items()}
         result["reference_logits"] = logits(reference)
         result.update(masks=masks, full_state_dict=full, **merge_on_rank0(mode, full))
