@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..io.mask_files import as_bool_mask
-from ..pruning.targets import normalise_mask_keys, refuse_peft_model
+from ..pruning.targets import is_fused_experts, normalise_mask_keys, refuse_peft_model
 from ..pruning.mask_generator import compute_unstructured_mask
 from ..pruning.mask_ops import apply_masks_to_model
 from .config import SparseLoRAConfig
@@ -95,7 +95,26 @@ def apply_sparse_lora(
     return model
 
 
+def _refuse_fused_experts(model: nn.Module, targets: Sequence[str]) -> None:
+    """A target naming a mixture-of-experts block's fused experts (a module ``experts`` or one
+    of its 3-D weights) is refused by name: they cannot be adapted yet, and skipping them
+    silently would train something else than asked."""
+    for name, module in model.named_modules():
+        named = [f"{name}.{p}" for p, w in module.named_parameters(recurse=False) if is_fused_experts(f"{name}.{p}", w.shape)]
+        if not named:
+            continue
+        asked = _matches_target(name, module, targets)[0] or any(_matches_target(n, module, targets)[1] for n in named)
+        if asked:
+            raise ValueError(
+                f"target_modules={list(targets)} names the fused experts {name!r} of a mixture-of-experts block "
+                f"({', '.join(n.rsplit('.', 1)[-1] for n in named)}: one 3-D weight for all experts); sparse LoRA "
+                "cannot adapt fused experts yet. They stay frozen and keep their masks; adapt the attention and "
+                "dense projections (the default target_modules)."
+            )
+
+
 def _chosen_layers(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    _refuse_fused_experts(model, targets)
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():

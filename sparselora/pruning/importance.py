@@ -250,10 +250,18 @@ def compute_layer_importance(
     scores: dict[str, torch.Tensor] = {}
     for target in model_targets(model):
         module = modules[target.module_name]
+        # a fused-experts weight is no module's .weight: its scores come from the tensor itself
+        layer = target.weight if target.experts else module
         if method == "magnitude":
-            score = magnitude_importance(module)
+            score = magnitude_importance(layer)
         elif method == "taylor":
-            score = taylor_importance(module)
+            score = taylor_importance(layer)
+        elif method == "wanda" and target.experts:
+            raise ValueError(
+                f"{target.name!r} holds the experts of a mixture-of-experts block; Wanda needs each expert's "
+                "routed inputs, which collect_activation_norms does not gather: prune with prune_model, score "
+                "by magnitude, or leave the experts out (exclude=['*experts*'])"
+            )
         elif method == "wanda":
             if target.module_name not in activation_norms:
                 raise ValueError(f"activation_norms has no entry for module {target.module_name!r}")

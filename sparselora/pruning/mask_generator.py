@@ -12,7 +12,7 @@ each weight tensor (``"layer"``, the default), or each output row of each weight
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -26,10 +26,13 @@ from .targets import (
     SparsitySpec,
     Target,
     check_sparsity,
+    expert_slice_name,
     filter_targets,
+    join_experts,
     model_targets,
     normalise_mask_keys,
     resolve_sparsity,
+    split_experts,
     state_dict_targets,
     warn_overpruned,
 )
@@ -177,6 +180,20 @@ def _row_mask(
     return keep.reshape(shape).movedim(0, out_dim).contiguous()
 
 
+def _per_slice(targets: Sequence[Target], values: Mapping[str, Any] | None, index: bool) -> dict[str, Any] | None:
+    """``values`` keyed by the names of :func:`split_experts`: a fused-experts target's entry
+    is indexed per expert (``index``: tensors) or repeated (a sparsity)."""
+    if values is None:
+        return None
+    out = dict(values)
+    for t in targets:
+        if t.experts and t.name in values:
+            value = out.pop(t.name)
+            for e in range(t.experts):
+                out[expert_slice_name(t.name, e)] = value[e] if index else value
+    return out
+
+
 def masks_from_scores(
     targets: Sequence[Target],
     sparsities: Mapping[str, float],
@@ -197,8 +214,33 @@ def masks_from_scores(
     ``global_pruning`` picks ``"global"`` or ``"layer"``. ``structured`` ranks whole output
     channels by the L1/L2 norm of their scores (not with ``scope="row"``).
     ``previous_masks``: weights they prune stay pruned and count towards each group's
-    exact ``round(s·n)`` (unstructured only).
+    exact ``round(s·n)`` (unstructured only). A fused-experts weight (a mixture-of-experts
+    block's ``mlp.experts.gate_up_proj``) is one matrix per expert: each is its own group
+    under ``"layer"``, its rows are that expert's rows under ``"row"``; its mask has the
+    weight's 3-D shape.
     """
+    slices = split_experts(targets)
+    masks = _slice_masks(
+        slices, _per_slice(targets, sparsities, index=False), _per_slice(targets, scores, index=True),
+        global_pruning=global_pruning, scope=scope, structured=structured, structured_norm=structured_norm,
+        previous_masks=_per_slice(targets, previous_masks, index=True), progress=progress,
+    )
+    return join_experts(targets, masks)
+
+
+def _slice_masks(
+    targets: Sequence[Target],
+    sparsities: Mapping[str, float],
+    scores: Mapping[str, torch.Tensor] | None = None,
+    *,
+    global_pruning: bool = False,
+    scope: str | None = None,
+    structured: bool = False,
+    structured_norm: str = "l2",
+    previous_masks: Mapping[str, torch.Tensor] | None = None,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`masks_from_scores` over 2-D and plain targets (fused experts already split)."""
     scope = _resolve_scope(scope, global_pruning)
     if structured and scope == "row":
         raise ValueError("scope='row' ranks weights within each output row; structured masks remove whole "
@@ -419,9 +461,9 @@ def compute_nm_mask(
     :func:`~sparselora.pruning.mask_ops.validate_nm_mask`."""
     n, m = check_nm(n, m)
     generator = MaskGenerator(model, 0.0, "unstructured", importance_metric, **kwargs)
-    scores = generator._scores()
+    scores = _per_slice(generator.targets, generator._scores(), index=True)
     masks = {}
-    for t in generator.targets:
+    for t in split_experts(generator.targets):  # each expert's rows on their own
         # magnitude: |W| read straight from the weight by the op, no copy
         absolute = scores is None
         score = (t.weight.detach() if absolute else scores[t.name]).movedim(t.out_dim, 0)
@@ -434,7 +476,7 @@ def compute_nm_mask(
         except ValueError as exc:
             raise ValueError(f"{t.name}: {exc}") from None
         masks[t.name] = keep.reshape(score.shape).movedim(0, t.out_dim).contiguous()
-    return masks
+    return join_experts(generator.targets, masks)
 
 
 def compute_masks_for_state_dict(

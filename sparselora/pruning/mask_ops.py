@@ -14,7 +14,7 @@ from .. import ops
 from ..rules import check_nm, check_number, check_positive_int, check_sparsity
 from ..io.atomic import atomic_open
 from ..io.mask_files import MASK_FORMATS, as_bool_mask, read_masks, write_masks
-from .targets import normalise_mask_keys
+from .targets import is_fused_experts, normalise_mask_keys
 
 __all__ = [
     "validate_mask",
@@ -164,11 +164,18 @@ def compute_sparsity_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
     Returns ``{"global": {...}, "per_layer": {name: {...}}}``; global holds ``sparsity``
     (pruned fraction over all weights), ``total_params``, ``total_pruned``, ``total_kept``,
-    ``num_layers`` and the mean/std/min/max of the per-layer sparsities.
+    ``num_layers`` and the mean/std/min/max of the per-layer sparsities. The entry of a
+    fused-experts mask (``mlp.experts.gate_up_proj``) also lists ``per_expert`` sparsities.
     """
     if not isinstance(masks, Mapping) or not masks:
         raise ValueError("masks must be a non-empty dict of name -> mask")
-    per_layer = {name: _mask_counts(as_bool_mask(m, f"masks[{name!r}]")) for name, m in masks.items()}
+    per_layer = {}
+    for name, m in masks.items():
+        mask = as_bool_mask(m, f"masks[{name!r}]")
+        per_layer[name] = _mask_counts(mask)
+        if is_fused_experts(name, mask.shape):  # one matrix per expert: each one's sparsity
+            kept = mask.reshape(mask.shape[0], -1).sum(1).tolist()
+            per_layer[name]["per_expert"] = [1 - k / mask[0].numel() for k in kept] if mask[0].numel() else []
     total = sum(s["num_params"] for s in per_layer.values())
     pruned = sum(s["num_pruned"] for s in per_layer.values())
     layer_sparsity = np.array([s["sparsity"] for s in per_layer.values()], dtype=np.float64)
@@ -204,7 +211,8 @@ def plot_sparsity_histogram(
 
     check_positive_int(bins, "bins")
     stats = compute_sparsity_stats(masks)
-    values = [s["sparsity"] for s in stats["per_layer"].values()]
+    # a fused-experts mask counts as its experts' matrices
+    values = [v for s in stats["per_layer"].values() for v in s.get("per_expert", [s["sparsity"]])]
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

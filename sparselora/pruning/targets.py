@@ -23,6 +23,11 @@ __all__ = [
     "described_targets",
     "config_embedding_names",
     "is_default_target",
+    "is_fused_experts",
+    "split_experts",
+    "join_experts",
+    "expert_slice_name",
+    "EXPERTS_MODULE",
     "filter_targets",
     "resolve_sparsity",
     "normalise_mask_keys",
@@ -38,8 +43,11 @@ SparsitySpec = Union[float, Mapping[str, float]]
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # substrings that mark a state-dict tensor as not prunable by default (as ModelZoo does)
 _DENSE_BY_NAME = ("embed", "norm", "lm_head", "pe_helper")
-# task heads and poolers: small, task-specific, and a global threshold would prune them away
-DENSE_MODULES = ("lm_head", "pooler", "classifier", "score")
+# task heads, poolers and mixture-of-experts routers: small, and a global threshold would prune them away
+DENSE_MODULES = ("lm_head", "pooler", "classifier", "score", "gate", "router", "shared_expert_gate")
+# transformers keeps a mixture-of-experts block's experts as 3-D parameters of a module named so:
+# mlp.experts.gate_up_proj (experts, 2·ffn, hidden), mlp.experts.down_proj (experts, hidden, ffn)
+EXPERTS_MODULE = "experts"
 OVERPRUNED = 0.95  # a tensor above this sparsity under a global threshold is reported
 
 
@@ -51,6 +59,7 @@ class Target:
     module_name: str
     weight: torch.Tensor | None  # None when the target is only described (a file on disk)
     out_dim: int = 0  # dimension that indexes output channels / filters
+    experts: int = 0  # > 0: a fused-experts weight, one matrix per index of dim 0 (see split_experts)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -74,6 +83,9 @@ def model_targets(model: nn.Module) -> list[Target]:
     tied = _embedding_weights(model)
     targets, seen = [], set()
     for module_name, module in model.named_modules():
+        if module_name.rsplit(".", 1)[-1] == EXPERTS_MODULE and not _is_dense_module(module_name):
+            targets.extend(_expert_targets(module_name, module, seen))
+            continue
         is_linear = isinstance(module, nn.Linear)
         is_conv = isinstance(module, _CONV_TYPES)
         is_conv1d = is_hf_conv1d(module)
@@ -88,6 +100,60 @@ def model_targets(model: nn.Module) -> list[Target]:
         name = f"{module_name}.weight" if module_name else "weight"
         targets.append(Target(name, module_name, weight, 1 if is_conv1d else 0))
     return targets
+
+
+def is_fused_experts(name: str, shape: Sequence[int]) -> bool:
+    """Whether tensor ``name`` is a fused-experts weight: 3-D, of a module named ``experts``."""
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    return len(shape) == 3 and owner.rsplit(".", 1)[-1] == EXPERTS_MODULE
+
+
+def _expert_targets(module_name: str, module: nn.Module, seen: set[int]) -> list[Target]:
+    """The 3-D floating parameters of an experts module: each expert's matrix is pruned as a
+    matrix of its own. transformers marks a module storing them ``(experts, in, out)`` with
+    ``is_transposed``."""
+    out_dim = 2 if getattr(module, "is_transposed", False) else 1
+    found = []
+    for param_name, weight in module.named_parameters(recurse=False):
+        name = f"{module_name}.{param_name}"
+        if weight.is_floating_point() and is_fused_experts(name, weight.shape) and id(weight) not in seen:
+            seen.add(id(weight))
+            found.append(Target(name, module_name, weight, out_dim, experts=weight.shape[0]))
+    return found
+
+
+def expert_slice_name(name: str, expert: int) -> str:
+    """The name of expert ``expert``'s matrix of fused-experts weight ``name``."""
+    return f"{name}[{expert}]"
+
+
+def split_experts(targets: Sequence[Target]) -> list[Target]:
+    """Every fused-experts target as one 2-D target per expert (``weight[e]``, named by
+    :func:`expert_slice_name`, output dim shifted down by one); other targets as they are.
+    Pruning the slices is pruning each expert as its own matrix."""
+    out = []
+    for t in targets:
+        if not t.experts:
+            out.append(t)
+            continue
+        for e in range(t.experts):
+            out.append(Target(expert_slice_name(t.name, e), t.module_name, t.weight[e], t.out_dim - 1))
+    return out
+
+
+def join_experts(targets: Sequence[Target], per_slice: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`split_experts` for results keyed by name (masks, scores): the slices of
+    each fused-experts target stacked back into one tensor under its parameter name."""
+    out = {}
+    for t in targets:
+        if not t.experts:
+            if t.name in per_slice:
+                out[t.name] = per_slice[t.name]
+            continue
+        names = [expert_slice_name(t.name, e) for e in range(t.experts)]
+        if all(n in per_slice for n in names):
+            out[t.name] = torch.stack([per_slice[n] for n in names])
+    return out
 
 
 def state_dict_targets(state_dict: Mapping[str, torch.Tensor]) -> list[Target]:
