@@ -40,8 +40,8 @@ from memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # benchmarks/memor
 
 
 def _sibling(name: str):
-    """``benchmarks/<name>.py`` loaded by its path: a module named ``kernels`` may already be
-    imported under that name (the ``kernels`` package transformers uses)."""
+    """``benchmarks/<name>.py`` loaded by its path under a name of its own: the scripts are no
+    package, and a plain name could already belong to an installed module."""
     spec = importlib.util.spec_from_file_location(f"sparselora_benchmarks_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -50,9 +50,8 @@ def _sibling(name: str):
 
 
 generate = _sibling("checkpoint").generate
-_kernels = _sibling("kernels")
-mask_runner, model, selection_runner, timed_in_turn = (
-    _kernels.mask_runner, _kernels.model, _kernels.selection_runner, _kernels.timed_in_turn)
+_ops = _sibling("op_kernels")
+mask_runner, model, selection_runner, timed_in_turn = _ops.mask_runner, _ops.model, _ops.selection_runner, _ops.timed_in_turn
 _stack = _sibling("training_stack")
 adapted, bench_inference, in_turn, train_step = _stack.adapted, _stack.bench_inference, _stack.in_turn, _stack.train_step
 

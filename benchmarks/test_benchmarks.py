@@ -2,7 +2,7 @@
 
     python -m pytest benchmarks -m benchmark --benchmark-group-by=group
 
-Each group pits sparselora against its baseline on the same inputs; `benchmarks/kernels.py`
+Each group pits sparselora against its baseline on the same inputs; `benchmarks/op_kernels.py`
 prints the full-size ratio table.
 """
 

@@ -85,6 +85,7 @@ def _define(name: str, prototype, mutates_args=(), kernel=None):
     (``kernel(device)`` builds them, device None for the others, where the op's arguments
     differ from the backends')."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(prototype)
+
     def dispatching(device: Optional[str]):
         if device is None:  # any other device: the reference
             return lambda *args: _run(name, *args)
@@ -132,8 +133,8 @@ def _counted_select(device: Optional[str]):
         where = scores[0].device if scores else torch.device("cpu")
         pruned = torch.empty(len(scores) if count else 0, dtype=torch.int64, device=where)
         args = (scores, k, absolute, pruned if count else None)
-        with torch.autocast(device or where.type, enabled=False) if (device or where.type) in ("cpu", "cuda") \
-                else contextlib.nullcontext():
+        kind = device or where.type
+        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
             masks = resolve("select_prune_mask", *args, allowed=allowed)(*args)
         return list(masks), pruned
 

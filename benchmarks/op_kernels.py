@@ -1,9 +1,9 @@
 """Kernel benchmarks, measured side by side in one run, printed as a ratio table.
 
-    python benchmarks/kernels.py                  # full sizes (~100M weights), ~2.5 min
-    python benchmarks/kernels.py --quick          # small sizes, seconds
-    python benchmarks/kernels.py --json out.json  # also write the numbers
-    python benchmarks/kernels.py --only selection # only the 2:4 and row-scope table
+    python benchmarks/op_kernels.py                  # full sizes (~100M weights), ~2.5 min
+    python benchmarks/op_kernels.py --quick          # small sizes, seconds
+    python benchmarks/op_kernels.py --json out.json  # also write the numbers
+    python benchmarks/op_kernels.py --only selection # only the 2:4 and row-scope table
 
 Each group of cases runs in its own subprocess. Inside it, "extra memory" is the peak RSS
 of a case's first run minus the RSS with the inputs already in memory; then the cases that
