@@ -27,6 +27,7 @@ __all__ = [
     "split_experts",
     "join_experts",
     "expert_slice_name",
+    "expert_of",
     "EXPERTS_MODULE",
     "filter_targets",
     "resolve_sparsity",
@@ -125,6 +126,14 @@ def _expert_targets(module_name: str, module: nn.Module, seen: set[int]) -> list
 def expert_slice_name(name: str, expert: int) -> str:
     """The name of expert ``expert``'s matrix of fused-experts weight ``name``."""
     return f"{name}[{expert}]"
+
+
+def expert_of(name: str) -> tuple[str, int] | None:
+    """``(fused weight name, expert)`` of a name made by :func:`expert_slice_name`, else None."""
+    if not name.endswith("]") or "[" not in name:
+        return None
+    weight, _, index = name[:-1].rpartition("[")
+    return (weight, int(index)) if index.isdigit() else None
 
 
 def split_experts(targets: Sequence[Target]) -> list[Target]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -118,13 +120,110 @@ def test_sparse_lora_keeps_experts_frozen_and_sparse_and_refuses_to_adapt_them()
             apply_sparse_lora(tiny_moe("qwen3_moe"), masks, SparseLoRAConfig(r=2, target_modules=targets))
 
 
-def test_wanda_mask_generation_refuses_experts_and_prune_model_says_it_keeps_them_dense():
+def test_wanda_mask_generation_refuses_experts():
     model = tiny_moe("mixtral")
     ids = [torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with pytest.raises(ValueError, match="experts of a mixture-of-experts block"):
         compute_unstructured_mask(model, 0.5, importance_metric="wanda", calibration_data=ids, progress=False)
-    before = {n: p.detach().clone() for n, p in experts_of(model).items()}
-    with pytest.warns(UserWarning, match="keeps the 4 fused-experts weights"):
-        masks = prune_model(model, ids, "wanda", 0.5, progress=False)
-    assert not any(".experts." in n for n in masks)
-    assert all(torch.equal(p, before[n]) for n, p in experts_of(model).items())
+
+
+# ----- one-shot pruning: each expert calibrated on the tokens routed to it -------------------
+
+def calibration(count: int = 4, length: int = 16) -> list[torch.Tensor]:
+    return [torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(i)) for i in range(count)]
+
+
+def routed_reference(model, batches, layer: int = 0):
+    """Each expert's inputs in block ``layer`` of the dense model, found independently: the
+    experts module's arguments, split by the router's choice, and the expert MLP written out."""
+    experts = model.model.layers[layer].mlp.experts
+    seen = []
+    handle = experts.register_forward_hook(lambda _m, args, _out: seen.append((args[0].detach(), args[1].detach())))
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids)
+    handle.remove()
+    hidden = torch.cat([h for h, _ in seen])
+    index = torch.cat([i for _, i in seen])
+    per_expert = []
+    for e in range(EXPERTS):
+        x = hidden[(index == e).any(-1)]
+        gate, up = (x @ experts.gate_up_proj[e].detach().t()).chunk(2, dim=-1)
+        per_expert.append((x, experts.act_fn(gate) * up))
+    return per_expert
+
+
+def wanda_rows(weight: torch.Tensor, inputs: torch.Tensor, sparsity: float) -> torch.Tensor:
+    score = weight.abs().float() * inputs.float().norm(dim=0)
+    return ops.row_prune_mask(score, int(round(sparsity * weight.shape[1])), absolute=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wanda_calibrates_each_expert_on_its_routed_tokens(family):
+    dense, batches = tiny_moe(family), calibration()
+    reference = routed_reference(dense, batches)
+    experts = dense.model.layers[0].mlp.experts
+    pruned = tiny_moe(family)
+    masks = prune_model(pruned, batches, "wanda", 0.5, progress=False)
+    gate_up, down = masks["model.layers.0.mlp.experts.gate_up_proj"], masks["model.layers.0.mlp.experts.down_proj"]
+    for e, (x, inner) in enumerate(reference):
+        assert x.shape[0] > 0
+        assert torch.equal(gate_up[e], wanda_rows(experts.gate_up_proj[e].detach(), x, 0.5)), e
+        assert torch.equal(down[e], wanda_rows(experts.down_proj[e].detach(), inner, 0.5)), e
+    for name, weight in experts_of(pruned).items():  # every expert exactly at its sparsity, zeros in place
+        assert torch.equal(weight == 0, ~masks[name]) or bool((weight[~masks[name]] == 0).all())
+        assert torch.equal((~masks[name]).sum(-1), torch.full(weight.shape[:2], weight.shape[-1] // 2))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_model_prunes_every_expert_at_50_percent_and_2_4(family, method):
+    for kwargs in ({"sparsity": 0.5}, {"sparsity": None, "nm": (2, 4)}):
+        model = tiny_moe(family)
+        masks = prune_model(model, calibration(), method, progress=False, **kwargs)
+        for name, weight in experts_of(model).items():
+            mask = masks[name]
+            assert mask.shape == weight.shape and bool((weight[~mask] == 0).all())
+            for e in range(EXPERTS):
+                if "nm" in kwargs:
+                    validate_nm_mask(mask[e], 2, 4)
+                else:
+                    assert int((~mask[e]).sum()) == mask[e].numel() // 2, (name, e)
+
+
+def route_away_from(model, expert: int) -> None:
+    """Make every block's router never choose ``expert`` (its logit is -inf before the top-k)."""
+    for layer in model.model.layers:
+        router = layer.mlp.gate
+        top_k = router.top_k
+
+        def forward(hidden, router=router, top_k=top_k):
+            logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
+            logits[:, expert] = float("-inf")
+            probs = logits.float().softmax(-1)
+            values, index = probs.topk(top_k, dim=-1)
+            return logits, values / values.sum(-1, keepdim=True), index
+
+        router.forward = forward
+
+
+def test_an_expert_without_tokens_is_pruned_by_magnitude_and_named():
+    model = tiny_moe("mixtral")
+    route_away_from(model, 3)
+    before = experts_of(model)["model.layers.0.mlp.experts.gate_up_proj"].detach().clone()
+    with pytest.warns(UserWarning, match=r"received none of the calibration tokens .*gate_up_proj\[3\]"):
+        masks = prune_model(model, calibration(), "wanda", 0.5, progress=False)
+    # by magnitude, in Wanda's groups (rows)
+    want = ops.row_prune_mask(before[3], before[3].shape[1] // 2, absolute=True)
+    assert torch.equal(masks["model.layers.0.mlp.experts.gate_up_proj"][3], want)
+
+
+def test_all_experts_calibrates_every_expert_on_every_token():
+    model = tiny_moe("mixtral")
+    route_away_from(model, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks = prune_model(model, calibration(), "wanda", 0.5, all_experts=True, progress=False)
+    assert int((~masks["model.layers.0.mlp.experts.down_proj"][3]).sum()) == 32 * 48 // 2
+    with pytest.raises(TypeError, match="all_experts"):
+        prune_model(tiny_moe("mixtral"), calibration(), "wanda", 0.5, all_experts="yes", progress=False)

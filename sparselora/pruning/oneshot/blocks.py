@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, Union
 
@@ -54,27 +53,15 @@ def block_targets(block: nn.Module, prefix: str, include: Globs = None, exclude:
     """The weights of ``block`` that are pruned, named from the model's root (``prefix`` is the
     block's path, ``"model.layers.3"``), narrowed by the ``include`` / ``exclude`` globs (an
     ``include`` glob may match nothing in one block: :func:`decoder_targets` checks them)."""
-    # fused experts need each expert's routed tokens, which the block's hooks do not see yet
-    local = [t for t in model_targets(block) if not t.experts]
-    named = [Target(f"{prefix}.{t.name}", f"{prefix}.{t.module_name}", t.weight, t.out_dim) for t in local]
+    local = model_targets(block)
+    named = [Target(f"{prefix}.{t.name}", f"{prefix}.{t.module_name}", t.weight, t.out_dim, t.experts) for t in local]
     return filter_targets(named, include, exclude, require_matches=False)
 
 
 def decoder_targets(blocks: nn.ModuleList, prefix: str, include: Globs = None, exclude: Globs = None) -> list[Target]:
     """The pruned weights of every block (on the meta device for a checkpoint's skeleton);
-    an ``include`` glob matching none of them is refused. Mixture-of-experts blocks keep their
-    fused experts dense, with a warning that says so."""
+    an ``include`` glob matching none of them is refused."""
     everything = [t for i, block in enumerate(blocks) for t in block_targets(block, f"{prefix}.{i}")]
-    experts = [t for block in blocks for t in model_targets(block) if t.experts]
-    if experts:
-        warnings.warn(
-            f"one-shot pruning keeps the {len(experts)} fused-experts weights of the mixture-of-experts blocks "
-            f"dense ({sum(t.experts for t in experts)} expert matrices): calibrating each expert on the tokens "
-            "routed to it is not supported yet. compute_unstructured_mask and compute_nm_mask prune experts "
-            "(by magnitude).",
-            UserWarning,
-            stacklevel=3,
-        )
     return filter_targets(everything, include, exclude)
 
 

@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from ...distributed import Ranks
 from ...progress import bar_disabled
-from ..targets import Target
+from ..targets import Target, expert_of, join_experts, split_experts
 from .activations import ActivationStore, block_output, capture_block_inputs
 from .blocks import BlockSource, block_targets
+from .experts import watch_experts
 from .owl import outlier_ratio, owl_sparsities
-from .plan import PruningPlan, WeightToPrune, wanda_score
+from .plan import PruningPlan, WeightToPrune, magnitude_update, wanda_score
 from .reconstruct import reconstruct_block
 from .sparsegpt import GramAccumulator
 
@@ -47,17 +48,31 @@ __all__ = ["run_sequential"]
 
 
 def _gather(block: nn.Module, prefix: str, targets: Sequence[Target], inputs: ActivationStore, extras: list[tuple],
-            full: bool, next_inputs: ActivationStore | None = None) -> dict[str, GramAccumulator]:
-    """Run every batch through ``block``, accumulating each target's input statistics."""
+            full: bool, next_inputs: ActivationStore | None = None, *, all_experts: bool = False,
+            expert_tokens: dict[str, list[int]] | None = None) -> dict[str, GramAccumulator]:
+    """Run every batch through ``block``, accumulating each target's input statistics. A fused
+    expert's statistics come from the tokens routed to it (:mod:`.experts`; all of them with
+    ``all_experts``), whose counts go to ``expert_tokens[experts module name]``."""
     modules = dict(block.named_modules())
     stats: dict[str, GramAccumulator] = {}
+    routed: dict[str, dict[tuple[str, int], Callable]] = {}  # experts module -> (weight, expert) -> add
     handles = []
     for t in targets:
-        module = modules[t.module_name[len(prefix) + 1 :]]
         features = t.weight.shape[0] if t.out_dim == 1 else t.weight.shape[1]
-        stats[t.name] = GramAccumulator(features, full=full, device=t.weight.device)
-        handles.append(module.register_forward_hook(
-            lambda _m, args, _out, acc=stats[t.name]: acc.add(args[0])))
+        stats[t.name] = acc = GramAccumulator(features, full=full, device=t.weight.device)
+        expert = expert_of(t.name)
+        if expert is not None:
+            weight_name, index = expert
+            routed.setdefault(t.module_name, {})[(weight_name.rsplit(".", 1)[-1], index)] = acc.add
+            continue
+        module = modules[t.module_name[len(prefix) + 1 :]]
+        handles.append(module.register_forward_hook(lambda _m, args, _out, acc=acc: acc.add(args[0])))
+    for module_name, adds in routed.items():
+        module = modules[module_name[len(prefix) + 1 :]]
+        counts = [0] * max(index for _, index in adds) + [0]
+        if expert_tokens is not None:
+            expert_tokens[module_name] = counts
+        handles.append(watch_experts(module, adds, counts, all_experts=all_experts))
     try:
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(extras):
@@ -70,10 +85,41 @@ def _gather(block: nn.Module, prefix: str, targets: Sequence[Target], inputs: Ac
     return stats
 
 
+def _prune(t: Target, stats: GramAccumulator | None, sparsity: float | None, plan: PruningPlan,
+           unreached: list[str]) -> torch.Tensor:
+    """Prune one target with the plan's method; a weight the calibration never reached (an
+    expert no token was routed to: no statistics) by magnitude, its name added to ``unreached``."""
+    weight = WeightToPrune(t.name, t.weight.data, t.out_dim, stats, sparsity, plan)
+    if stats is not None and stats.tokens == 0 and expert_of(t.name) is not None:
+        unreached.append(t.name)
+        return magnitude_update(weight)
+    return plan.rule.update(weight, plan.rule.score)
+
+
+def _warn_unreached(unreached: Sequence[str]) -> None:
+    if unreached:
+        shown = ", ".join(unreached[:6]) + (f" and {len(unreached) - 6} more" if len(unreached) > 6 else "")
+        warnings.warn(
+            f"{len(unreached)} expert weights received none of the calibration tokens ({shown}); they were pruned "
+            "by magnitude. More calibration data, or all_experts=True (every token through every expert, for the "
+            "statistics only), calibrates them.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _forward(block: nn.Module, inputs: ActivationStore, extras: list[tuple], outputs: ActivationStore) -> None:
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(extras):
             outputs.append(block_output(block(inputs[i], *args, **kwargs)))
+
+
+def _sum_counts(expert_tokens: dict[str, list[int]], ranks: Ranks) -> None:
+    """Each expert's token counts over every rank's batches (a no-op on one process)."""
+    if ranks.world == 1:
+        return
+    for name, counts in expert_tokens.items():
+        expert_tokens[name] = [int(v) for v in ranks.sum(torch.tensor(counts, dtype=torch.float64)).tolist()]
 
 
 def _sum_stats(stats: Mapping[str, GramAccumulator], ranks: Ranks) -> None:
@@ -133,10 +179,13 @@ def run_sequential(
         dense_inputs = inputs if recon is not None and recon.target == "dense" else None
         if recon is not None:
             summary["reconstruction"] = []
+        expert_tokens: dict[str, list[int]] = {}  # calibration tokens each expert was calibrated on
+        summary["expert_tokens"] = expert_tokens
         bar = tqdm(range(len(source)), desc=f"prune ({plan.method})", unit="block", disable=bar_disabled(progress))
         for index in bar:
             block = source.load(index)
-            targets = block_targets(block, f"{prefix}.{index}", plan.include, plan.exclude)
+            whole = block_targets(block, f"{prefix}.{index}", plan.include, plan.exclude)
+            targets = split_experts(whole)  # each expert of a fused weight pruned as its own matrix
             goal = None  # what the reconstruction trains the pruned block towards
             goal_from_inputs = None  # the goal when it is the dense block on the pruned inputs
             if recon is not None:
@@ -148,14 +197,20 @@ def run_sequential(
             stats: dict[str, GramAccumulator] = {}
             if rule.needs_data and targets:
                 # with the pruned inputs as the target, the statistics pass gives it for free
+                block_tokens: dict[str, list[int]] = {}
                 stats = _gather(block, f"{prefix}.{index}", targets, inputs, extras, full=rule.gathers.full,
-                                next_inputs=goal_from_inputs)
+                                next_inputs=goal_from_inputs, all_experts=plan.all_experts,
+                                expert_tokens=block_tokens)
                 _sum_stats(stats, ranks)
+                _sum_counts(block_tokens, ranks)
+                expert_tokens.update(block_tokens)
             elif goal_from_inputs is not None:
                 _forward(block, inputs, extras, goal_from_inputs)
-            masks = {t.name: rule.update(WeightToPrune(t.name, t.weight.data, t.out_dim, stats.get(t.name),
-                                                       sparsities[index], plan), rule.score)
-                     for t in targets}
+            unreached: list[str] = []
+            masks = {t.name: _prune(t, stats.get(t.name), sparsities[index], plan, unreached) for t in targets}
+            _warn_unreached(unreached)
+            masks = join_experts(whole, masks)
+            targets = whole
             del stats
             if goal is not None and targets:
                 def report(text: str, index: int = index) -> None:
@@ -195,9 +250,10 @@ def _owl_ratios(model: nn.Module, source: BlockSource, prefix: str, batches: Seq
     ratios = []
     for index in tqdm(range(len(source)), desc="OWL ratios", unit="block", disable=bar_disabled(progress)):
         block = source.load(index)
-        targets = block_targets(block, f"{prefix}.{index}", plan.include, plan.exclude)
+        targets = split_experts(block_targets(block, f"{prefix}.{index}", plan.include, plan.exclude))
         outputs = ActivationStore(folder, -2 - index)
-        stats = _gather(block, f"{prefix}.{index}", targets, inputs, extras, full=False, next_inputs=outputs)
+        stats = _gather(block, f"{prefix}.{index}", targets, inputs, extras, full=False, next_inputs=outputs,
+                        all_experts=plan.all_experts)
         _sum_stats(stats, ranks)
         scores = [wanda_score(t.weight.detach().t() if t.out_dim == 1 else t.weight.detach(), stats[t.name])
                   for t in targets]

@@ -38,6 +38,7 @@ __all__ = [
     "MethodRule",
     "PruningPlan",
     "make_plan",
+    "magnitude_update",
     "register_method",
     "unregister_method",
     "method_rule",
@@ -157,20 +158,32 @@ def _row_or_layer_mask(score: torch.Tensor, sparsity: float, scope: str) -> torc
     return keep
 
 
+def _keep_and_zero(weight: WeightToPrune, values: torch.Tensor, scope: str) -> torch.Tensor:
+    """Keep the top ``values`` (N:M, or per row / per layer), zero the other weights, return the
+    keep-mask in the weight's layout."""
+    if weight.plan.nm:
+        keep = _nm_mask(values, *weight.plan.nm, name=weight.name)
+    else:
+        keep = _row_or_layer_mask(values, weight.sparsity, scope)
+    del values
+    keep = weight.in_layout(keep)
+    ops.apply_mask_(weight.weight, keep)
+    return keep
+
+
 def mask_and_zero(weight: WeightToPrune, score: Optional[ScoreFn]) -> torch.Tensor:
     """The update of score-mask methods: keep the top scores (N:M, per row or per layer, as
     the plan says) and zero the other weights; the kept ones are left as they are."""
     if score is None:
         raise ValueError(f"{weight.plan.method}: mask_and_zero needs a score function")
-    values = score(weight.matrix, weight.stats)
-    if weight.plan.nm:
-        keep = _nm_mask(values, *weight.plan.nm, name=weight.name)
-    else:
-        keep = _row_or_layer_mask(values, weight.sparsity, weight.plan.scope)
-    del values
-    keep = weight.in_layout(keep)
-    ops.apply_mask_(weight.weight, keep)
-    return keep
+    return _keep_and_zero(weight, score(weight.matrix, weight.stats), weight.plan.scope)
+
+
+def magnitude_update(weight: WeightToPrune) -> torch.Tensor:
+    """Prune ``weight`` by magnitude under the plan's pattern (N:M, or its scope; per layer for a
+    method without scopes): for a weight the calibration data never reached (an expert no
+    calibration token was routed to)."""
+    return _keep_and_zero(weight, magnitude_score(weight.matrix, None), weight.plan.scope or "layer")
 
 
 def obs_update(weight: WeightToPrune, _score: Optional[ScoreFn]) -> torch.Tensor:
@@ -246,7 +259,10 @@ class PruningPlan:
     ``include`` / ``exclude``: globs over parameter or module names narrowing the weights.
     ``reconstruct``: after each block is pruned, train its kept weights back towards the
     dense block's outputs (True, a :class:`~.reconstruct.Reconstruction` or a dict of its
-    fields; None or False: off).
+    fields; None or False: off). ``all_experts``: in mixture-of-experts blocks, gather every
+    expert's statistics on every calibration token, not only on those routed to it (each
+    block's expert statistics then cost experts / top-k times more; the block's own outputs
+    are unchanged).
     """
 
     method: str
@@ -261,6 +277,7 @@ class PruningPlan:
     include: Globs = None
     exclude: Globs = None
     reconstruct: Union[Reconstruction, bool, dict, None] = None
+    all_experts: bool = False
 
     def __post_init__(self) -> None:
         rule = method_rule(self.method)
@@ -270,6 +287,7 @@ class PruningPlan:
         if self.sparsity is not None:
             check_sparsity(self.sparsity)
         check_bool(self.owl, "owl")
+        check_bool(self.all_experts, "all_experts")
         if self.nm is not None:
             if not isinstance(self.nm, (tuple, list)) or len(self.nm) != 2:
                 raise TypeError(f"nm={self.nm!r} must be a pair (n, m), e.g. (2, 4)")
