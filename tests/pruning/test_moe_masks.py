@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import VOCAB
 from sparselora import ops
 from sparselora.lora import SparseLoRAConfig, apply_sparse_lora, merge_all_lora_weights
 from sparselora.pruning.mask_generator import compute_nm_mask, compute_unstructured_mask
@@ -24,7 +25,7 @@ EXPERTS = 4
 
 
 def tiny_moe(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2)
     if family == "mixtral":
         config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=EXPERTS, **common)

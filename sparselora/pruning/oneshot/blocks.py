@@ -22,6 +22,7 @@ import torch.nn as nn
 from ...io.checkpoints import Checkpoint
 from ...io.safetensors import SafetensorsReader, SafetensorsWriter
 from ..targets import Target, filter_targets, is_hf_conv1d, model_targets
+from .layout import StoredLayout
 
 __all__ = ["BlockSource", "InMemoryBlocks", "CheckpointBlocks", "find_decoder_blocks", "block_targets",
            "decoder_targets", "meta_model"]
@@ -175,18 +176,20 @@ class CheckpointBlocks:
         self.model, self.prefix, self.blocks, self.source = model, prefix, blocks, source
         self.dtype, self.spill, self.include, self.exclude = dtype, spill, include, exclude
         self.spilled: dict[str, Path] = {}
-        names = set(source.names)
+        # the stored layout may differ from the model's (fused experts, renamed modules)
+        self.layout = StoredLayout(getattr(getattr(model, "config", None), "model_type", None), source.names,
+                                   source.read)
         block_prefix = prefix + "."
-        self.stem = [n for n, _ in model.named_parameters() if not n.startswith(block_prefix) and n in names]
+        self.stem = [n for n, _ in model.named_parameters() if not n.startswith(block_prefix) and self.layout.has(n)]
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def _read(self, name: str) -> torch.Tensor:
-        if name not in self.source.names:
-            raise ValueError(f"checkpoint {str(self.source.path)!r} has no tensor {name!r}, which the model's "
-                             "config needs")
-        return self.source.read(name).to(self.dtype)
+        if not self.layout.has(name):
+            raise ValueError(f"checkpoint {str(self.source.path)!r} has no tensor {name!r} (nor its stored form), "
+                             "which the model's config needs")
+        return self.layout.read(name).to(self.dtype)
 
     def open_stem(self) -> None:
         """Read the weights outside the blocks lazily: a module's weights are read when it first
@@ -224,11 +227,13 @@ class CheckpointBlocks:
         if pruned and self.spill is not None:
             targets = block_targets(block, f"{self.prefix}.{index}", self.include, self.exclude)
             path = self.spill / f"block-{index:05d}.safetensors"
-            # tensor by tensor: no serialised copy of the whole block in memory
-            with SafetensorsWriter(path, [(t.name, t.weight.dtype, tuple(t.weight.shape)) for t in targets]) as out:
-                for t in targets:
-                    out.write(t.name, t.weight.detach())
-            self.spilled.update({t.name: path for t in targets})
+            # in the stored layout (each expert's matrices), tensor by tensor: no serialised copy
+            # of the whole block in memory
+            parts = [part for t in targets for part in self.layout.split(t.name, t.weight.detach())]
+            with SafetensorsWriter(path, [(n, x.dtype, tuple(x.shape)) for n, x in parts]) as out:
+                for name, tensor in parts:
+                    out.write(name, tensor)
+            self.spilled.update({name: path for name, _ in parts})
         _to_meta(block, [n for n, _ in block.named_parameters()])
         _return_freed_memory()
 

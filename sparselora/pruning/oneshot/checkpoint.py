@@ -139,7 +139,10 @@ def prune_checkpoint(
     try:
         blocks_source = CheckpointBlocks(model, prefix, blocks, source, compute_dtype, spill, plan.include,
                                          plan.exclude)
-        shapes = {t.name: tuple(t.weight.shape) for t in decoder_targets(blocks, prefix, plan.include, plan.exclude)}
+        layout = blocks_source.layout  # masks are written in the stored layout, as the weights are
+        shapes = {name: tuple(piece.shape)
+                  for t in decoder_targets(blocks, prefix, plan.include, plan.exclude)
+                  for name, piece in layout.split(t.name, torch.empty(t.weight.shape, device="meta"))}
         masks_path = spill / MASKS_FILE if spill is not None else None
         recipe = {"method": method, "sparsity": plan.sparsity, "nm": plan.nm, "owl": plan.owl,
                   "reconstruct": dataclasses.asdict(plan.reconstruct) if plan.reconstruct else None}
@@ -147,8 +150,9 @@ def prune_checkpoint(
         with mask_writer or contextlib.nullcontext():
             def on_block(_index: int, masks: dict[str, torch.Tensor]) -> None:
                 if mask_writer is not None:
-                    for name, keep in masks.items():
-                        mask_writer.write(name, keep)
+                    for whole, keep in masks.items():
+                        for name, piece in layout.split(whole, keep):
+                            mask_writer.write(name, piece)
 
             summary = run_sequential(model, blocks_source, prefix, batches, plan, on_block, ranks=ranks,
                                      offload_dir=offload_dir, progress=progress)
