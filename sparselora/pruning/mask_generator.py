@@ -219,28 +219,11 @@ def masks_from_scores(
     under ``"layer"``, its rows are that expert's rows under ``"row"``; its mask has the
     weight's 3-D shape.
     """
-    slices = split_experts(targets)
-    masks = _slice_masks(
-        slices, _per_slice(targets, sparsities, index=False), _per_slice(targets, scores, index=True),
-        global_pruning=global_pruning, scope=scope, structured=structured, structured_norm=structured_norm,
-        previous_masks=_per_slice(targets, previous_masks, index=True), progress=progress,
-    )
-    return join_experts(targets, masks)
-
-
-def _slice_masks(
-    targets: Sequence[Target],
-    sparsities: Mapping[str, float],
-    scores: Mapping[str, torch.Tensor] | None = None,
-    *,
-    global_pruning: bool = False,
-    scope: str | None = None,
-    structured: bool = False,
-    structured_norm: str = "l2",
-    previous_masks: Mapping[str, torch.Tensor] | None = None,
-    progress: bool | None = None,
-) -> dict[str, torch.Tensor]:
-    """:func:`masks_from_scores` over 2-D and plain targets (fused experts already split)."""
+    whole = list(targets)  # fused experts are pruned as one matrix per expert, then stacked back
+    targets = split_experts(whole)
+    sparsities = _per_slice(whole, sparsities, index=False)
+    scores = _per_slice(whole, scores, index=True)
+    previous_masks = _per_slice(whole, previous_masks, index=True)
     scope = _resolve_scope(scope, global_pruning)
     if structured and scope == "row":
         raise ValueError("scope='row' ranks weights within each output row; structured masks remove whole "
@@ -279,7 +262,7 @@ def _slice_masks(
         for t, mask in zip(chosen, group_masks):
             masks[t.name] = finish(t, mask)
         warn_overpruned(dict(zip(masks, pruned)), {n: m.numel() for n, m in masks.items()})
-        return masks
+        return join_experts(whole, masks)
     for t in tqdm(chosen, desc="masks", unit="tensor", disable=bar_disabled(progress)):
         g = score_of(t)
         if scope == "row":
@@ -290,7 +273,7 @@ def _slice_masks(
         else:
             (mask,) = ops.select_prune_mask([g], ops.prune_count(g.numel(), sparsities[t.name]), absolute=absolute)
         masks[t.name] = finish(t, mask)
-    return masks
+    return join_experts(whole, masks)
 
 
 def _random_scores(targets: Sequence[Target], seed: int) -> dict[str, torch.Tensor]:
