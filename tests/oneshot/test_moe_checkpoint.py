@@ -86,13 +86,18 @@ def test_prune_from_disk_equals_in_memory_and_reloads(saved, tmp_path, method):
     assert cli_exit_code(["validate", str(out), str(out / "masks.safetensors"), "--no-progress"]) == 0
 
 
-def test_prune_command_2_4(saved, tmp_path):
+def test_prune_command_2_4(saved, tmp_path, capsys):
     family, folder = saved
     text = tmp_path / "calibration.txt"
     text.write_text("sparse weights keep their shape and their zeros " * 40)
     out = tmp_path / "out"
     assert cli_exit_code(["prune", str(folder), "--method", "sparsegpt", "--nm", "2:4", "--calibration", str(text),
                           "--samples", "4", "--seq-len", "16", "-o", str(out), "--no-progress"]) == 0
+    assert "experts calibrated on" in capsys.readouterr().out
+    assert cli_exit_code(["prune", str(folder), "--method", "wanda", "--all-experts", "--calibration", str(text),
+                          "--samples", "4", "--seq-len", "16", "-o", str(tmp_path / "all"), "--no-progress"]) == 0
+    # every expert saw every one of the 4 x 16 calibration tokens
+    assert "experts calibrated on 64-64 tokens each (0 of 8 on none" in capsys.readouterr().out
     masks, _ = load_mask(out / "masks.safetensors")
     for name in stored_experts(family, 0):
         validate_nm_mask(masks[name], 2, 4)

@@ -56,6 +56,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconstruct-target", choices=RECONSTRUCTION_TARGETS,
                         help="dense: the dense model's activations (default); pruned: the dense block on the pruned "
                         "inputs (one activation store less)")
+    parser.add_argument("--all-experts", action="store_true",
+                        help="mixture-of-experts: calibrate every expert on every token, not only the routed ones "
+                        "(the statistics pass costs experts / top-k times more expert work)")
     parser.add_argument("--calibration", type=Path, metavar="FILE", help="UTF-8 calibration text (default: built-in text)")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--samples", type=_samples, default=128, help="calibration windows (default 128)")
@@ -95,7 +98,7 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> int:
         calibration_text=read_text(args.calibration) if args.calibration else None, samples=args.samples,
         seq_len=args.seq_len, include=args.include, exclude=args.exclude, distributed=args.distributed,
         offload_dir=args.offload_dir, overwrite=args.overwrite, progress=progress(args),
-        reconstruct=Reconstruction(**tuned) if args.reconstruct else None,
+        reconstruct=Reconstruction(**tuned) if args.reconstruct else None, all_experts=args.all_experts,
     )
     level = f"{args.nm[0]}:{args.nm[1]}" if args.nm else f"{args.sparsity or 0.5:.0%}"
     if not args.distributed or int(os.environ.get("RANK", "0")) == 0:
@@ -104,6 +107,10 @@ def _run(args: argparse.Namespace, outputs: Outputs) -> int:
               f"(masks: {summary['masks']})")
         if args.reconstruct:
             print(_reconstruction_line(summary["reconstruction"]))
+        if summary.get("expert_tokens"):
+            counts = [c for per_block in summary["expert_tokens"].values() for c in per_block]
+            print(f"experts calibrated on {min(counts)}-{max(counts)} tokens each "
+                  f"({sum(c == 0 for c in counts)} of {len(counts)} on none: pruned by magnitude)")
     return 0
 
 
