@@ -68,11 +68,10 @@ def _gather(block: nn.Module, prefix: str, targets: Sequence[Target], inputs: Ac
         module = modules[t.module_name[len(prefix) + 1 :]]
         handles.append(module.register_forward_hook(lambda _m, args, _out, acc=acc: acc.add(args[0])))
     for module_name, adds in routed.items():
-        module = modules[module_name[len(prefix) + 1 :]]
-        counts = [0] * max(index for _, index in adds) + [0]
+        handle, counts = watch_experts(modules[module_name[len(prefix) + 1 :]], adds, all_experts=all_experts)
+        handles.append(handle)
         if expert_tokens is not None:
             expert_tokens[module_name] = counts
-        handles.append(watch_experts(module, adds, counts, all_experts=all_experts))
     try:
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(extras):

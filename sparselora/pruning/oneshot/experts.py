@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-__all__ = ["routed_inputs", "watch_experts"]
+__all__ = ["expert_count", "routed_inputs", "watch_experts"]
 
 # the input-side and output-side weights of an expert MLP, by the names transformers gives them
 _INPUT_SIDE = ("gate_up_proj", "up_proj")
@@ -45,25 +45,33 @@ def _hidden(module: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
     return act(gate) * up
 
 
+def expert_count(module: nn.Module) -> int:
+    """How many experts an experts module holds (dim 0 of its input-side weight)."""
+    for name in _INPUT_SIDE:
+        if hasattr(module, name):
+            return getattr(module, name).shape[0]
+    raise ValueError(f"experts module {type(module).__name__} has none of {', '.join(_INPUT_SIDE)}")
+
+
 def routed_inputs(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, *, all_experts: bool,
                   wants_hidden: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """``(expert, tokens it reads, its down_proj inputs or None)`` for every expert: the tokens
     whose ``top_k_index`` row names it (every token with ``all_experts``)."""
     x = hidden.reshape(-1, hidden.shape[-1])
     index = top_k_index.reshape(x.shape[0], -1)
-    experts = getattr(module, _INPUT_SIDE[0] if hasattr(module, _INPUT_SIDE[0]) else _INPUT_SIDE[1]).shape[0]
     with torch.no_grad():
-        for expert in range(experts):
+        for expert in range(expert_count(module)):
             routed = x if all_experts else x[(index == expert).any(dim=-1)]
             yield expert, routed, (_hidden(module, routed, expert) if wants_hidden and routed.shape[0] else None)
 
 
-def watch_experts(module: nn.Module, stats: Mapping[tuple[str, int], Callable[[torch.Tensor], None]],
-                  tokens: list[int], *, all_experts: bool = False) -> torch.utils.hooks.RemovableHandle:
+def watch_experts(module: nn.Module, stats: Mapping[tuple[str, int], Callable[[torch.Tensor], None]], *,
+                  all_experts: bool = False) -> tuple[torch.utils.hooks.RemovableHandle, list[int]]:
     """Hook ``module`` (an experts module) so that each forward pass hands every expert's inputs
     to ``stats[(weight name, expert)](inputs)`` (``"gate_up_proj"`` / ``"up_proj"`` get the
-    routed tokens, ``"down_proj"`` the activations it reads) and adds each expert's token
-    count to ``tokens``. Returns the hook's handle."""
+    routed tokens, ``"down_proj"`` the activations it reads). Returns the hook's handle and
+    the list, one entry per expert, that counts the tokens each expert read."""
+    tokens = [0] * expert_count(module)
     for name, _expert in stats:
         if name not in (*_INPUT_SIDE, _OUTPUT_SIDE):
             raise ValueError(f"experts module {type(module).__name__} has a fused weight {name!r}; calibrating it "
@@ -84,4 +92,4 @@ def watch_experts(module: nn.Module, stats: Mapping[tuple[str, int], Callable[[t
             if (_OUTPUT_SIDE, expert) in stats:
                 stats[(_OUTPUT_SIDE, expert)](inner)
 
-    return module.register_forward_hook(hook, with_kwargs=True)
+    return module.register_forward_hook(hook, with_kwargs=True), tokens
