@@ -4,6 +4,7 @@
     python benchmarks/llm_checkpoint.py --layers 4 --method sparsegpt
     python benchmarks/llm_checkpoint.py --json out.json
     python benchmarks/llm_checkpoint.py --reconstruct         # with block reconstruction (2 steps a block)
+    python benchmarks/llm_checkpoint.py --moe --layers 6      # a Mixtral: 8 experts a block, top-2
 
 Writes a synthetic checkpoint from a Llama config (hidden 2048, MLP 5632, vocabulary 32000,
 untied LM head, random bf16 weights, ~500 MB shards, one tensor generated at a time) in a
@@ -16,7 +17,9 @@ interpreter, torch and transformers included):
 * the in-memory path: ``from_pretrained`` + ``prune_model`` on the whole model.
 
 Both prune with the same calibration batches (random token ids); the masks and weights of
-the two outputs are compared bit for bit. With ``--reconstruct`` every block is also
+the two outputs are compared bit for bit. With ``--moe`` the checkpoint is a Mixtral (hidden
+1024, 8 experts of MLP 2816, top-2) saved by ``save_pretrained``, experts stored one by one:
+the streaming run reads and writes that layout, and the in-memory masks are compared in it. With ``--reconstruct`` every block is also
 reconstructed (``reconstruct=``; a few steps: the memory does not grow with them).
 """
 
@@ -40,6 +43,33 @@ def config(layers: int) -> dict:
             "intermediate_size": MLP, "num_hidden_layers": layers, "num_attention_heads": HEADS,
             "num_key_value_heads": HEADS, "vocab_size": VOCAB, "max_position_embeddings": 2048,
             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+MOE = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 1024,
+       "intermediate_size": 2816, "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 16,
+       "num_key_value_heads": 8, "vocab_size": VOCAB, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+       "tie_word_embeddings": False}
+
+
+def generate_moe(folder: Path, layers: int) -> int:
+    """A random bf16 Mixtral saved by transformers (experts stored one by one); its bytes."""
+    import torch
+    import transformers
+
+    config = transformers.MixtralConfig(**{k: v for k, v in MOE.items() if k not in ("architectures", "model_type")},
+                                        num_hidden_layers=layers)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="500MB")
+    return sum(p.numel() * 2 for p in model.parameters())
+
+
+def block_bytes(folder: Path) -> int:
+    """Bytes of block 0's tensors as stored."""
+    from sparselora.io.checkpoints import Checkpoint
+
+    checkpoint = Checkpoint(folder)
+    return sum(checkpoint.read(n).numel() * 2 for n in checkpoint.names if ".layers.0." in n)
 
 
 def generate(folder: Path, layers: int, shard_bytes: int = 500 * 2**20) -> int:
@@ -100,8 +130,14 @@ def child(kind: str, folder: Path, out: Path, method: str, steps: int) -> dict:
     # compare with the streamed output, outside the timed part
     from sparselora.pruning.mask_ops import load_mask
 
+    from sparselora.io.checkpoints import Checkpoint
+    from sparselora.pruning.oneshot.layout import StoredLayout
+
     streamed = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     disk, _ = load_mask(out / "masks.safetensors")
+    # the in-memory masks in the stored layout (the same names for a dense model)
+    layout = StoredLayout(model.config.model_type, Checkpoint(out).names, lambda name: None)
+    masks = {stored: piece for name, mask in masks.items() for stored, piece in layout.split(name, mask)}
     same_masks = disk.keys() == masks.keys() and all(torch.equal(disk[k], masks[k]) for k in masks)
     same_weights = all(torch.equal(p, streamed.get_parameter(n)) for n, p in model.named_parameters())
     return {"seconds": seconds, "peak_rss": peak, "same_masks": same_masks, "same_weights": same_weights}
@@ -121,6 +157,7 @@ def main() -> None:
     parser.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
     parser.add_argument("--reconstruct", action="store_true", help="reconstruct every block after pruning it")
     parser.add_argument("--reconstruct-steps", type=int, default=2, help="steps per block with --reconstruct (default 2)")
+    parser.add_argument("--moe", action="store_true", help="a Mixtral (8 experts, top-2) saved by transformers")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,13 +168,16 @@ def main() -> None:
     steps = args.reconstruct_steps if args.reconstruct else 0
     with tempfile.TemporaryDirectory(prefix="sparselora-bench-") as tmp:
         folder = Path(tmp) / "ckpt"
-        size = generate(folder, args.layers)
+        size = generate_moe(folder, args.layers) if args.moe else generate(folder, args.layers)
+        block = block_bytes(folder)
         out = Path(tmp) / "pruned"
         results = {kind: measure(kind, folder, out, args.method, steps) for kind in ("baseline", "stream", "in_memory")}
-    block = 2 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP)
     mb = lambda b: b / 2**20  # noqa: E731
     base = results["baseline"]["peak_rss"]
-    print(f"\n{args.layers}-block Llama (hidden {HIDDEN}, MLP {MLP}), {size / 1e9:.2f} GB of bf16 weights; "
+    shape = (f"Mixtral (hidden {MOE['hidden_size']}, {MOE['num_local_experts']} experts of MLP "
+             f"{MOE['intermediate_size']}, top-{MOE['num_experts_per_tok']})" if args.moe
+             else f"Llama (hidden {HIDDEN}, MLP {MLP})")
+    print(f"\n{args.layers}-block {shape}, {size / 1e9:.2f} GB of bf16 weights; "
           f"one block {mb(block):.0f} MiB; {args.method} at 50%, 8 x 128 calibration tokens"
           + (f", reconstruction ({steps} steps a block)" if steps else ""))
     print(f"{'':<36}{'time':>9}{'peak RSS':>12}{'above imports':>15}")
@@ -149,7 +189,8 @@ def main() -> None:
     print(f"streaming: {above / block:.2f} blocks above the imports; in-memory: "
           f"{(results['in_memory']['peak_rss'] - base) / block:.2f} blocks; same masks: "
           f"{results['in_memory']['same_masks']}, same weights: {results['in_memory']['same_weights']}")
-    results.update(layers=args.layers, bytes=size, block_bytes=block, method=args.method, reconstruct_steps=steps)
+    results.update(layers=args.layers, bytes=size, block_bytes=block, method=args.method, reconstruct_steps=steps,
+                   moe=args.moe)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
