@@ -266,9 +266,8 @@ class SparseLoRALinear(nn.Module):
 
     def _effective(self, weight, lora_A, lora_B) -> torch.Tensor:
         """(W + s·BA) ⊙ M in the stored orientation."""
-        if self.fan_in_fan_out:  # (W_t + s·Aᵀ Bᵀ) ⊙ M_t
-            return ops.masked_lora_weight(weight, lora_B.t(), lora_A.t(), self.scaling, self._follow_weight())
-        return ops.masked_lora_weight(weight, lora_A, lora_B, self.scaling, self._follow_weight())
+        a, b = self._stored_factors(lora_A, lora_B)
+        return ops.masked_lora_weight(weight, a, b, self.scaling, self._follow_weight())
 
     def clear_cache(self) -> None:
         """Drop the cached effective weight (it is rebuilt on the next inference call)."""
@@ -291,9 +290,13 @@ class SparseLoRALinear(nn.Module):
     def _merged_weight(self, mask: torch.Tensor | None) -> torch.Tensor:
         return self._merge_into(self.weight.detach().clone(), mask)
 
-    def _stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # the stored (in, out) weight of a Conv1D takes s·Aᵀ Bᵀ
-        return (self.lora_B.t(), self.lora_A.t()) if self.fan_in_fan_out else (self.lora_A, self.lora_B)
+    def _stored_factors(self, lora_A: torch.Tensor | None = None,
+                        lora_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters (the layer's, or these) as the factors of the stored weight: a Conv1D's
+        (in, out) weight takes s·Aᵀ Bᵀ."""
+        a = self.lora_A if lora_A is None else lora_A
+        b = self.lora_B if lora_B is None else lora_B
+        return (b.t(), a.t()) if self.fan_in_fan_out else (a, b)
 
     def _merge_into(self, target: torch.Tensor, mask: torch.Tensor | None, norms: torch.Tensor | None = None) -> torch.Tensor:
         a, b = self._stored_factors()

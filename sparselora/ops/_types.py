@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["PruneThreshold", "masks_under_threshold", "raise_nonfinite", "count_pruned"]
+__all__ = ["PruneThreshold", "masks_under_threshold", "raise_nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,3 @@ def raise_nonfinite(count: int) -> None:
     if count:
         raise ValueError(f"scores contain {count} NaN or inf values; scores must be finite")
 
-
-def count_pruned(masks: Sequence, pruned) -> None:
-    """Complete ``pruned`` (int64, one per mask): entries a kernel left at -1 (not counted in
-    its own pass) get the mask's count of pruned weights."""
-    if pruned is None:
-        return
-    for i, mask in enumerate(masks):
-        if int(pruned[i]) < 0:
-            pruned[i] = mask.numel() - int(mask.count_nonzero())

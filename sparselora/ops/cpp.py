@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import register
-from ._types import PruneThreshold, count_pruned, raise_nonfinite
+from ._types import PruneThreshold, raise_nonfinite
 from .masks import pack_bits, packed_size
 
 __all__ = ["available", "unavailable_reason", "pack_mask", "unpack_mask", "apply_packed_mask_", "release_workspaces"]
@@ -121,14 +121,11 @@ def select_prune_mask(
 ) -> list[torch.Tensor]:
     keep_alive, addresses, sizes, dtypes = _layout(*scores)
     outs = [torch.empty(s.shape, dtype=torch.bool) for s in scores]
-    counts = None if pruned is None else torch.empty(len(scores), dtype=torch.int64)
+    # the fused pass writes each mask's pruned count; its fallbacks leave -1 (the caller counts)
     nonfinite = _C.select_masks(addresses, sizes, dtypes, k, absolute, [o.data_ptr() for o in outs], _C.BOOL_BYTES,
-                                _threads(), 0 if counts is None else counts.data_ptr())
+                                _threads(), 0 if pruned is None else pruned.data_ptr())
     raise_nonfinite(nonfinite)
     del keep_alive
-    if pruned is not None:
-        count_pruned(outs, counts)  # the fallback paths do not count in their pass
-        pruned.copy_(counts)
     return outs
 
 
@@ -234,11 +231,6 @@ def _merge_reason(weight, lora_A, lora_B, scaling, mask, norms=None) -> str | No
     return _first_reason(_inplace_reason(weight, mask), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"))
 
 
-def _norms_reason(weight, lora_A, lora_B, scaling, mask) -> str | None:
-    return _first_reason(_tensor_reason(weight, "weight"), _tensor_reason(lora_A, "lora_A"),
-                         _tensor_reason(lora_B, "lora_B"), _mask_reason(mask))
-
-
 def _matrix(t: torch.Tensor) -> tuple[int, int, int, int]:
     """(address, dtype code, row stride, column stride) of a 2-D tensor, in elements."""
     return t.data_ptr(), _DTYPE_CODES[t.dtype], t.stride(0), t.stride(1)
@@ -277,13 +269,6 @@ def merge_lora_(weight, lora_A, lora_B, scaling, mask, norms=None):
     return _effective_weight(weight, lora_A, lora_B, scaling, mask, weight, norms=norms)
 
 
-@register("lora_update_norms", "cpp", priority=CPP_PRIORITY, check=_norms_reason)
-def lora_update_norms(weight, lora_A, lora_B, scaling, mask):
-    norms = torch.empty(3, dtype=torch.float64)
-    _effective_weight(weight, lora_A, lora_B, scaling, mask, None, norms=norms)
-    return norms
-
-
 def _lora_reason(weight, lora_A, lora_B, scaling, mask, *_args) -> str | None:
     if _C is None:
         return _IMPORT_ERROR
@@ -291,6 +276,13 @@ def _lora_reason(weight, lora_A, lora_B, scaling, mask, *_args) -> str | None:
         _tensor_reason(weight, "weight"), _tensor_reason(lora_A, "lora_A"), _tensor_reason(lora_B, "lora_B"),
         _mask_reason(mask),
     )
+
+
+@register("lora_update_norms", "cpp", priority=CPP_PRIORITY, check=_lora_reason)
+def lora_update_norms(weight, lora_A, lora_B, scaling, mask):
+    norms = torch.empty(3, dtype=torch.float64)
+    _effective_weight(weight, lora_A, lora_B, scaling, mask, None, norms=norms)
+    return norms
 
 
 @register("masked_lora_weight", "cpp", priority=CPP_PRIORITY, check=_lora_reason)

@@ -131,14 +131,24 @@ def _counted_select(device: Optional[str]):
 
     def kernel(scores: List[Tensor], k: int, absolute: bool, count: bool) -> Tuple[List[Tensor], Tensor]:
         where = scores[0].device if scores else torch.device("cpu")
-        pruned = torch.empty(len(scores) if count else 0, dtype=torch.int64, device=where)
+        # -1: not counted; a backend whose pass counts a mask's pruned weights writes them here
+        pruned = torch.full((len(scores) if count else 0,), -1, dtype=torch.int64, device=where)
         args = (scores, k, absolute, pruned if count else None)
         kind = device or where.type
         with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
             masks = resolve("select_prune_mask", *args, allowed=allowed)(*args)
+        if count:
+            _count_the_rest(masks, pruned)
         return list(masks), pruned
 
     return kernel
+
+
+def _count_the_rest(masks: List[Tensor], pruned: Tensor) -> None:
+    """The pruned count of each mask the backend's own pass left uncounted (-1)."""
+    for i, value in enumerate(pruned.tolist()):
+        if value < 0:
+            pruned[i] = masks[i].numel() - int(masks[i].count_nonzero())
 
 
 def _select_prune_mask(scores: List[Tensor], k: int, absolute: bool, count: bool) -> Tuple[List[Tensor], Tensor]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ._dispatch import register
 from .keys import order_keys
 from .masks import as_bool_keep, pack_bits
-from ._types import PruneThreshold, count_pruned, masks_under_threshold, raise_nonfinite
+from ._types import PruneThreshold, masks_under_threshold, raise_nonfinite
 
 __all__ = [
     "prune_threshold",
@@ -81,11 +81,8 @@ def write_prune_mask(
 def select_prune_mask(
     scores: Sequence[torch.Tensor], k: int, absolute: bool, pruned: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
-    masks = masks_under_threshold(scores, prune_threshold(scores, k, absolute), write_prune_mask, absolute)
-    if pruned is not None:
-        pruned.fill_(-1)
-        count_pruned(masks, pruned)
-    return masks
+    # ``pruned`` is left as given: the op counts what a backend's own pass did not
+    return masks_under_threshold(scores, prune_threshold(scores, k, absolute), write_prune_mask, absolute)
 
 
 @register("apply_mask_", "reference", priority=REFERENCE_PRIORITY)

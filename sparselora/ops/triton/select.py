@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
-from .._types import PruneThreshold, count_pruned, masks_under_threshold, raise_nonfinite
+from .._types import PruneThreshold, masks_under_threshold, raise_nonfinite
 from ..keys import key_of, streaming_cut
 from ..masks import pack_bits
 from ._common import TRITON_PRIORITY, device_guard, triton_reason
@@ -137,12 +137,8 @@ def write_prune_mask(
 def select_prune_mask(
     scores: Sequence[torch.Tensor], k: int, absolute: bool, pruned: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
+    # ``pruned`` is left as given: the op counts what a backend's own pass did not
     threshold = prune_threshold(scores, k, absolute)
     if threshold.value == float("-inf") or len({s.dtype for s in scores}) > 1 or len(scores) > MAX_TENSORS:
-        masks = masks_under_threshold(scores, threshold, write_prune_mask, absolute)
-    else:
-        masks = _write_masks(scores, threshold, threshold.ties, absolute)[0]
-    if pruned is not None:
-        pruned.fill_(-1)
-        count_pruned(masks, pruned)
-    return masks
+        return masks_under_threshold(scores, threshold, write_prune_mask, absolute)
+    return _write_masks(scores, threshold, threshold.ties, absolute)[0]
