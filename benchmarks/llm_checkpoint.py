@@ -68,8 +68,11 @@ def block_bytes(folder: Path) -> int:
     """Bytes of block 0's tensors as stored."""
     from sparselora.io.checkpoints import Checkpoint
 
-    checkpoint = Checkpoint(folder)
-    return sum(checkpoint.read(n).numel() * 2 for n in checkpoint.names if ".layers.0." in n)
+    import torch
+
+    checkpoint = Checkpoint(folder)  # from the headers: nothing is read
+    return sum(torch.Size(checkpoint.shape(n)).numel() * checkpoint.dtype(n).itemsize
+               for n in checkpoint.names if ".layers.0." in n)
 
 
 def generate(folder: Path, layers: int, shard_bytes: int = 500 * 2**20) -> int:
